@@ -1,0 +1,1 @@
+"""The ``mxfp8`` command line: one module per subcommand, wired in ``main.py``."""

@@ -1,0 +1,1 @@
+"""mxfp8.layers"""
