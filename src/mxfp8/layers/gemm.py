@@ -1,0 +1,251 @@
+"""GEMM backends: how a quantized matrix product is actually computed.
+
+Every GEMM of a linear layer is written in "NT" form, ``out = a @ b.T`` with ``a`` of shape
+[M, K] and ``b`` of shape [N, K], both quantized along K (their last dimension). A backend
+turns a high-precision operand into its own quantized representation (:meth:`quantize_mx`)
+and multiplies two of them (:meth:`mm_nt`). Callers pass operands that are already in NT
+orientation; a column-wise copy is simply a transposed *high-precision* view quantized along
+its last dimension (never a transposed quantized tensor: MX blocks do not survive a transpose).
+
+- ``emulated``: the quantized operand is its dequantized value (``fake_quantize``, the fast
+  path, bit-equal to ``quantize(...).dequantize``). A dequantized FP8 value has at most 4
+  significant bits times a power of two, so it is exact in bf16, and products of two are exact
+  in fp32: a matmul of those bf16 operands with fp32 accumulation reproduces MX hardware up to
+  the order of accumulation. Output bf16: a bf16 matmul (fp32 accumulation, one rounding at
+  the end). Output fp32/fp16: the same values in an fp32 matmul. The CPU default, GPU fallback.
+- ``scaled_mm``: ``torch._scaled_mm`` with FP8 data and ``float8_e8m0fnu`` block scales in
+  the swizzled layout cuBLAS expects (:func:`to_blocked_scales`). Blackwell (SM100+) only;
+  choosing it anywhere else raises :class:`BackendUnavailableError` saying what to use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mxfp8.layers.recipe import Backend
+
+# cuBLAS block-scale tiles: 128 rows x 4 scale columns, stored as 512 contiguous bytes
+_TILE_ROWS, _TILE_COLS = 128, 4
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested GEMM backend cannot run on this machine."""
+
+
+def _ceil_to(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def blocked_scale_offset(row: int, col: int, n_cols: int) -> int:
+    """Byte offset of scale (row, col) in the cuBLAS blocked layout of a [rows, n_cols] scale.
+
+    The matrix is cut into 128x4 tiles, tiles stored row-major (n_col_tiles per tile row), and
+    inside a tile, row r and column c go to (r % 32) * 16 + (r // 32) * 4 + c: the four
+    32-row groups are interleaved so that one 16-byte load holds 4 rows x 4 scales.
+    Scalar and simple on purpose: it is the oracle of :func:`to_blocked_scales`.
+    """
+    n_col_tiles = _ceil_to(n_cols, _TILE_COLS) // _TILE_COLS
+    tile = (row // _TILE_ROWS) * n_col_tiles + col // _TILE_COLS
+    r, c = row % _TILE_ROWS, col % _TILE_COLS
+    return tile * _TILE_ROWS * _TILE_COLS + (r % 32) * 16 + (r // 32) * 4 + c
+
+
+def to_blocked_scales(scale: torch.Tensor) -> torch.Tensor:
+    """[rows, cols] scales (one per 32-element block along K) -> flat cuBLAS blocked layout.
+
+    Rows are padded to a multiple of 128 and columns to a multiple of 4 (padding bytes are
+    zero; the hardware never reads them for in-range data). Works on any device and dtype
+    (e8m0 scales are moved as uint8 bytes).
+    """
+    if scale.dim() != 2:
+        raise ValueError(f"expected a 2-D scale matrix, got shape {tuple(scale.shape)}")
+    dtype = scale.dtype
+    s = scale.view(torch.uint8) if dtype == torch.float8_e8m0fnu else scale
+    rows, cols = s.shape
+    pr, pc = _ceil_to(rows, _TILE_ROWS), _ceil_to(cols, _TILE_COLS)
+    padded = s.new_zeros((pr, pc))
+    padded[:rows, :cols] = s
+    # (row_tiles, 4 groups of 32 rows, 32, col_tiles, 4): row = t*128 + g*32 + i
+    t = padded.view(pr // _TILE_ROWS, 4, 32, pc // _TILE_COLS, _TILE_COLS)
+    # tile-major, then i (row within group), then g, then c: offset i*16 + g*4 + c
+    out = t.permute(0, 3, 2, 1, 4).reshape(-1)
+    return out.view(dtype) if dtype == torch.float8_e8m0fnu else out
+
+
+def from_blocked_scales(flat: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Inverse of :func:`to_blocked_scales` (drops the padding)."""
+    dtype = flat.dtype
+    f = flat.view(torch.uint8) if dtype == torch.float8_e8m0fnu else flat
+    pr, pc = _ceil_to(rows, _TILE_ROWS), _ceil_to(cols, _TILE_COLS)
+    t = f.view(pr // _TILE_ROWS, pc // _TILE_COLS, 32, 4, _TILE_COLS)
+    out = t.permute(0, 3, 2, 1, 4).reshape(pr, pc)[:rows, :cols].contiguous()
+    return out.view(dtype) if dtype == torch.float8_e8m0fnu else out
+
+
+def _source(hp: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
+    """(tensor to quantize, dim, transposed): a transposed view is quantized as its
+    contiguous source along dim 0, which is the same set of blocks."""
+    if not hp.is_contiguous() and hp.t().is_contiguous():
+        return hp.t(), 0, True
+    return hp, -1, False
+
+
+@dataclass(frozen=True)
+class _NTOperand:
+    """scaled_mm operand: row-major FP8 data [rows, K] and its [rows, K/32] E8M0 scales."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+
+
+@dataclass(frozen=True)
+class MXSpec:
+    """How to MX-quantize one operand: element format (ElemFormat), block size, scale rule."""
+
+    fmt: Any
+    block_size: int
+    scale_rule: str
+
+
+def _quantize_kwargs(spec: MXSpec) -> dict[str, Any]:
+    # pad: a token count that is not a multiple of the block size zero-pads the last block of
+    # the wgrad reduction (zeros add nothing); K and N are checked to be multiples upstream
+    return dict(block_size=spec.block_size, scale_rule=spec.scale_rule, pad=True)
+
+
+def _emulated_dtype(out_dtype: torch.dtype) -> torch.dtype:
+    """bf16 output: bf16 operands (fast path). Otherwise fp32 operands: dequantized values
+    are exact in both, and fp16 cannot hold every scaled E4M3/E5M2 value."""
+    return torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32
+
+
+class EmulatedBackend:
+    """Dequantize, then a high-precision matmul with fp32 accumulation (see module doc)."""
+
+    name = "emulated"
+
+    def __init__(self, compiled: bool = False) -> None:
+        self.compiled = compiled  # compiled fake_quantize: ~4x faster eager, first call compiles
+
+    def quantize_mx(
+        self,
+        hp: torch.Tensor,
+        spec: MXSpec,
+        out_dtype: torch.dtype,
+        *,
+        want_q: bool = False,
+        out: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, Any]:
+        """Quantize a 2-D operand along its last dim; returns (operand, MXTensor or None).
+
+        ``out``: optional scratch buffer shaped like the (contiguous) source, used when the
+        source already has the operand dtype; fresh large allocations are slow on CPU.
+
+        ``hp`` may be a transposed view; the blocks are then taken along the source's dim 0
+        directly (no copy of the high-precision tensor is made first), and the MXTensor is
+        the source's (shape of the source, ``dim=0``).
+        """
+        from mxfp8.numerics.quantize import fake_quantize, quantize
+
+        dt = _emulated_dtype(out_dtype)
+        src, dim, transposed = _source(hp)
+        if want_q:  # telemetry wants the MXTensor itself; bit-equal to the fake path
+            q = quantize(src, spec.fmt, dim=dim, **_quantize_kwargs(spec))
+            deq = q.dequantize(dt)
+        else:
+            q = None
+            kw = _quantize_kwargs(spec)
+            # inside an outer torch.compile, take the branch-free (fused) kernels: the eager
+            # ones have data-dependent branches that would break the graph
+            compiled = self.compiled or torch.compiler.is_compiling()
+            if out is not None and (
+                out.shape != src.shape or out.dtype != src.dtype or dt != src.dtype
+            ):
+                out = None
+            deq = fake_quantize(src, spec.fmt, dim=dim, compiled=compiled, out=out, **kw)
+            if deq.dtype != dt:
+                deq = deq.to(dt)  # exact: MX values fit in bf16 and fp32
+        return (deq.t() if transposed else deq), q
+
+    def mm_nt(self, a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        out = torch.mm(a, b.t())  # [M, K] x [K, N], fp32 accumulation in both dtypes
+        return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+def _is_sm100_plus(device: torch.device) -> bool:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    major, _ = torch.cuda.get_device_capability(device)
+    return major >= 10
+
+
+class ScaledMMBackend:
+    """``torch._scaled_mm`` on FP8 data with swizzled E8M0 block scales (SM100+ only)."""
+
+    name = "scaled_mm"
+
+    def check(self, device: torch.device) -> None:
+        if _is_sm100_plus(device):
+            return
+        if device.type == "cuda" and torch.cuda.is_available():
+            cap = torch.cuda.get_device_capability(device)
+            where = f"a CUDA device with compute capability {cap[0]}.{cap[1]}"
+        else:
+            where = f"device type {device.type!r}"
+        raise BackendUnavailableError(
+            f"GEMM backend 'scaled_mm' needs MX block-scaled tensor cores (NVIDIA Blackwell, "
+            f"SM100+), but the tensors are on {where}. Use backend='emulated' (exact up to "
+            "accumulation order) or backend='auto'."
+        )
+
+    def quantize_mx(
+        self,
+        hp: torch.Tensor,
+        spec: MXSpec,
+        out_dtype: torch.dtype,
+        *,
+        want_q: bool = False,
+        out: torch.Tensor | None = None,
+    ) -> tuple[Any, Any]:
+        from mxfp8.numerics.quantize import quantize
+
+        self.check(hp.device)
+        if spec.block_size != 32 or hp.shape[-1] % 32:
+            raise ValueError(
+                f"scaled_mm needs MX blocks of 32 and a reduction dim that is a multiple of 32, "
+                f"got block_size {spec.block_size}, shape {tuple(hp.shape)}"
+            )
+        src, dim, transposed = _source(hp)
+        q = quantize(src, spec.fmt, dim=dim, **_quantize_kwargs(spec))
+        if transposed:  # transposing data *with* its scales keeps every block intact
+            op = _NTOperand(q.data.t().contiguous(), q.scale.t().contiguous())
+        else:
+            op = _NTOperand(q.data, q.scale)
+        return op, (q if want_q else None)
+
+    def mm_nt(self, a: Any, b: Any, out_dtype: torch.dtype) -> torch.Tensor:
+        sa = to_blocked_scales(a.scale)
+        sb = to_blocked_scales(b.scale)
+        # _scaled_mm wants a row-major [M, K] and a column-major [K, N]
+        return torch._scaled_mm(a.data, b.data.t(), sa, sb, out_dtype=out_dtype)
+
+
+def select_backend(
+    backend: Backend | str, device: torch.device, compiled: bool = False
+) -> EmulatedBackend | ScaledMMBackend:
+    """The backend object for a recipe's ``backend`` field on ``device``.
+
+    ``auto`` picks ``scaled_mm`` on SM100+ GPUs and ``emulated`` everywhere else; an explicit
+    ``scaled_mm`` off SM100 raises :class:`BackendUnavailableError`.
+    """
+    backend = Backend(backend)
+    if backend is Backend.SCALED_MM:
+        b = ScaledMMBackend()
+        b.check(device)
+        return b
+    if backend is Backend.AUTO and _is_sm100_plus(device):
+        return ScaledMMBackend()
+    return EmulatedBackend(compiled=compiled)

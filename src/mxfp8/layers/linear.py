@@ -1,0 +1,185 @@
+"""MXLinear: a drop-in ``nn.Linear`` whose three GEMMs run in MXFP8 (or per-tensor FP8).
+
+Drop-in means: it *is* an ``nn.Linear`` (subclass), with the same ``weight``/``bias``
+parameters and the same ``state_dict`` keys, so a checkpoint moves between a bf16 run and an
+MXFP8 run unchanged. Master weights stay in their own dtype (fp32); only GEMM operands are
+quantized; bias and output stay in high precision.
+
+Precision. The GEMM output dtype (the "compute dtype") is the autocast dtype when autocast is
+on for the input's device (bf16, as ``nn.Linear`` under autocast), else the input's dtype.
+Gradients come back in the dtypes of x and W. With the ``bf16`` recipe (``scaling=none``) the
+layer calls ``F.linear`` and is bit-identical to ``nn.Linear``.
+
+MX recipes: see :mod:`mxfp8.layers.mx_function` for the six quantized operands (each GEMM's
+operands along its reduction dim, each from the high-precision tensor) and
+:mod:`mxfp8.layers.gemm` for the backends. Per-tensor recipes: see
+:mod:`mxfp8.layers.tensorwise_function`, including when delayed-scaling histories advance.
+
+Weight cache (gradient accumulation): the quantized weight operands are cached on the layer,
+keyed on the weight's version counter and storage, so the micro-batches of one optimizer step
+quantize the weight once; any in-place change (``optimizer.step()``, ``load_state_dict``)
+invalidates it. ``weight_quantizations`` counts cache misses. ``cache_weights = False`` turns
+it off. Under ``torch.compile`` the cache is bypassed (the graph recomputes it).
+
+Telemetry hook. Every MXLinear has ``observer = None`` (zero cost) and ``name`` (its fqn, set by
+``convert_model``). Set ``layer.observer`` to a plain callable (not an ``nn.Module``) and the
+autograd Function calls ``observer(layer, gemm, operand, hp, q)`` once per quantized operand
+per call, with ``gemm`` in {"fprop", "dgrad", "wgrad"}, ``operand`` in {"input", "weight",
+"grad_output"}, ``hp`` the high-precision 2-D tensor as the layer holds it (x as [tokens, in],
+W as [out, in], dy as [tokens, out]) and ``q`` its quantized object, of the same shape: an
+``MXTensor`` for MX recipes, whose ``q.dim`` is the blocked axis (1 for fprop operands and
+dgrad/grad_output, 0 for dgrad/weight and both wgrad operands), or a ``TensorwiseFP8`` for
+per-tensor ones. fprop and
+wgrad/input calls happen in forward, the others in backward. With an observer set, the weight
+cache is bypassed and MX operands are built through ``quantize`` (bit-equal to the fast path,
+slower). Observers are not traced by ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mxfp8.layers.gemm import MXSpec, select_backend
+from mxfp8.layers.mx_function import MXLinearFunction, MXPlan
+from mxfp8.layers.recipe import GEMM_OPERANDS, Recipe, ScalingKind, recipe
+from mxfp8.layers.tensorwise_function import DelayedState, TensorwiseLinearFunction
+
+Observer = Any  # Callable[[MXLinear, str, str, Tensor, MXTensor | TensorwiseFP8], None]
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The autocast dtype for x's device when autocast is on, else x's dtype."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+class MXLinear(nn.Linear):
+    """``nn.Linear`` with quantized GEMMs as ``recipe`` says (see the module docstring)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        recipe: Recipe | None = None,
+        name: str = "",
+        compile_quantize: bool = False,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.recipe = recipe if recipe is not None else _default_recipe()
+        self.name = name
+        self.observer: Observer | None = None
+        self.cache_weights = True
+        # run fake_quantize through torch.compile: much faster on CPU, but the first call per
+        # shape compiles (seconds), so tests keep it off and training/benchmarks turn it on
+        self.compile_quantize = compile_quantize
+        self.weight_quantizations = 0
+        # reuse per-layer scratch buffers for operands that die within a call (CPU: fresh
+        # large allocations are page-fault bound); costs ~2 activation-sized buffers per layer
+        self.reuse_buffers = True
+        self._scratch: dict[str, torch.Tensor] = {}
+        self._weight_cache: dict[tuple, Any] = {}
+        self._plans: dict[tuple, MXPlan] = {}
+        self.delayed_state = (
+            DelayedState(self.recipe) if self.recipe.scaling is ScalingKind.DELAYED else None
+        )
+        self._check_dims()
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, recipe: Recipe, name: str = "", compile_quantize: bool = False
+    ) -> MXLinear:
+        """An MXLinear sharing ``linear``'s parameter objects (no copy)."""
+        new = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            device="meta",  # no throw-away init: the parameters are replaced right below
+            recipe=recipe,
+            name=name,
+            compile_quantize=compile_quantize,
+        )
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.train(linear.training)
+        return new
+
+    def _check_dims(self) -> None:
+        r = self.recipe
+        if r.scaling is ScalingKind.MX:
+            bad = [
+                (n, s)
+                for n, s in (("in_features", self.in_features), ("out_features", self.out_features))
+                if s % r.block_size
+            ]
+            if bad:
+                n, s = bad[0]
+                raise ValueError(
+                    f"MXLinear {self.name or ''}: {n}={s} is not a multiple of block_size "
+                    f"{r.block_size} (the dgrad/fprop reduction dims must be; keep this layer "
+                    "in high precision, as convert_model does)"
+                )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, recipe={self.recipe.name}"
+
+    def recording(self) -> bool:
+        """Whether this call's amaxes count for delayed scaling (training forward only)."""
+        return self.training and torch.is_grad_enabled()
+
+    # --- forward ------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.recipe
+        if r.scaling is ScalingKind.NONE:
+            return F.linear(x, self.weight, self.bias)
+        dt = compute_dtype(x)
+        x2d = x.reshape(-1, self.in_features)  # [M, K]: all leading dims are tokens
+        if r.scaling is ScalingKind.MX:
+            y2d = self._forward_mx(x2d, dt)
+        else:
+            y2d = self._forward_tensorwise(x2d, dt)
+        y = y2d.reshape(*x.shape[:-1], self.out_features)
+        if self.bias is not None:
+            y = y + self.bias.to(dt)
+        return y
+
+    def _forward_mx(self, x2d: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+        plan = self._plan(x2d.device, dt)
+        layer = None if torch.compiler.is_compiling() else self
+        with torch.autocast(x2d.device.type, enabled=False):  # dtypes are handled explicitly
+            return MXLinearFunction.apply(x2d, self.weight, plan, layer)
+
+    @torch.compiler.disable  # python-side scaling state: runs eagerly inside compiled models
+    def _forward_tensorwise(self, x2d: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+        recording = self.recording()
+        if self.delayed_state is not None:
+            self.delayed_state.begin_call(self.weight, recording)
+        with torch.autocast(x2d.device.type, enabled=False):
+            return TensorwiseLinearFunction.apply(x2d, self.weight, dt, self, recording)
+
+    def _plan(self, device: torch.device, dt: torch.dtype) -> MXPlan:
+        key = (device, dt, self.compile_quantize)
+        plan = self._plans.get(key)
+        if plan is None:
+            r = self.recipe
+            specs = {
+                (g, o): MXSpec(r.fmt(g, o).elem(), r.block_size, r.scale_rule.value)
+                for g, ops in GEMM_OPERANDS.items()
+                for o in ops
+            }
+            backend = select_backend(r.backend, device, compiled=self.compile_quantize)
+            plan = self._plans[key] = MXPlan(specs, backend, dt)
+        return plan
+
+
+def _default_recipe() -> Recipe:
+    return recipe("mxfp8")

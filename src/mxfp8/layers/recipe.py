@@ -1,0 +1,323 @@
+"""Training recipes: how each GEMM of a linear layer is quantized, as one validated object.
+
+A :class:`Recipe` is frozen and checked when built, so a bad combination fails at start-up with
+a message that lists what is allowed, not deep inside a kernel. Named presets come from
+:func:`recipe`; :func:`list_recipes` lists them.
+
+Why these presets (see the reference notes, sections 3-5):
+
+- ``mxfp8`` is the paper's recipe: MX blocks of 32 along each GEMM's reduction dimension,
+  E4M3 for inputs, weights *and* output gradients (block scales give the range, so the extra
+  mantissa bit of E4M3 wins), and the round-up ("rceil") scale rule, so the largest element of a
+  block never saturates.
+- ``mxfp8-floor`` is the OCP v1.0 rule that the paper found to diverge at scale: a block whose
+  amax mantissa is above 1.75 saturates its largest element.
+- ``mxfp8-e5m2-grads`` keeps the Hopper-era habit of E5M2 gradients, as an ablation.
+- ``fp8-tensorwise`` / ``fp8-delayed`` are the per-tensor FP8 recipes: one fp32 scale per
+  tensor, from the tensor itself (current) or from an amax history (delayed). A single scale
+  cannot cover the range of gradients, so these need dynamic loss scaling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from mxfp8.layers import _toml
+
+
+class ScalingKind(enum.StrEnum):
+    """How a tensor's scale is chosen.
+
+    - ``none``: no quantization; the GEMMs run in the layer's high precision.
+    - ``mx``: one E8M0 (power-of-two) scale per block of ``block_size`` consecutive elements
+      along the GEMM's reduction dimension (OCP MX).
+    - ``tensorwise``: one fp32 scale per tensor, ``dest_max / amax(tensor)`` (current scaling).
+    - ``delayed``: one fp32 scale per tensor, ``dest_max / amax_history_reduced`` from earlier
+      steps (cheap on GPUs; a sudden outlier saturates until the history catches up).
+    """
+
+    NONE = "none"
+    MX = "mx"
+    TENSORWISE = "tensorwise"
+    DELAYED = "delayed"
+
+    @property
+    def per_tensor(self) -> bool:
+        return self in (ScalingKind.TENSORWISE, ScalingKind.DELAYED)
+
+
+class Fp8Format(enum.StrEnum):
+    """FP8 element format of an operand: E4M3 (more mantissa, max 448) or E5M2 (max 57344)."""
+
+    E4M3 = "e4m3"
+    E5M2 = "e5m2"
+
+    def elem(self) -> Any:
+        """The numerics core's ``ElemFormat`` object (imported lazily)."""
+        from mxfp8.numerics import formats
+
+        return formats.E4M3 if self is Fp8Format.E4M3 else formats.E5M2
+
+
+class ScaleRuleName(enum.StrEnum):
+    """MX scale-exponent rule (mirrors ``mxfp8.ScaleRule``; the strings are the same).
+
+    - ``rceil`` (the paper): e = ceil(log2(amax / dest_max)); amax lands in (max/2, max].
+    - ``floor`` (OCP v1.0): e = floor(log2(amax)) - emax_elem; amax mantissa > 1.75 saturates.
+    """
+
+    RCEIL = "rceil"
+    FLOOR = "floor"
+
+
+class AmaxReduce(enum.StrEnum):
+    """How delayed scaling reduces its amax history to one amax.
+
+    - ``max``: the largest amax of the last ``history_len`` steps.
+    - ``ema``: an exponential moving average, a <- decay * a + (1 - decay) * amax.
+    """
+
+    MAX = "max"
+    EMA = "ema"
+
+
+class Backend(enum.StrEnum):
+    """Which GEMM backend runs quantized matmuls (see :mod:`mxfp8.layers.gemm`).
+
+    - ``auto``: ``scaled_mm`` on SM100+ GPUs for MX recipes, else ``emulated``.
+    - ``emulated``: dequantize to bf16, matmul with fp32 accumulation (exact up to order).
+    - ``scaled_mm``: ``torch._scaled_mm`` with hardware block scales (SM100+ only).
+    """
+
+    AUTO = "auto"
+    EMULATED = "emulated"
+    SCALED_MM = "scaled_mm"
+
+
+GEMMS = ("fprop", "dgrad", "wgrad")
+# gemm -> its two quantized operands, in (left, right) order of the product
+GEMM_OPERANDS: dict[str, tuple[str, str]] = {
+    "fprop": ("input", "weight"),  # y = x W^T
+    "dgrad": ("grad_output", "weight"),  # dx = dy W
+    "wgrad": ("grad_output", "input"),  # dW = dy^T x
+}
+
+# what the default recipe keeps in high precision: embeddings and the LM head (by fqn)
+DEFAULT_CONVERT = ("layers.*",)
+DEFAULT_KEEP = ("tok_embeddings", "output", "lm_head", "*.lm_head")
+
+
+def _enum(cls: type[enum.Enum], value: Any, name: str) -> Any:
+    try:
+        return cls(value)
+    except ValueError:
+        allowed = ", ".join(repr(m.value) for m in cls)
+        raise ValueError(f"recipe field {name}={value!r} is invalid; allowed: {allowed}") from None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the three GEMMs of every converted linear layer are quantized.
+
+    Format fields name the element format of each operand of each GEMM (``fprop``: y = x W^T,
+    ``dgrad``: dx = dy W, ``wgrad``: dW = dy^T x). Enum fields also accept their strings.
+    """
+
+    name: str = "custom"
+    """Preset name, or 'custom'. Only informational."""
+    scaling: ScalingKind = ScalingKind.MX
+    """Scaling kind: none, mx, tensorwise or delayed."""
+    fprop_input: Fp8Format = Fp8Format.E4M3
+    """Format of x in the forward GEMM."""
+    fprop_weight: Fp8Format = Fp8Format.E4M3
+    """Format of W in the forward GEMM."""
+    dgrad_grad_output: Fp8Format = Fp8Format.E4M3
+    """Format of dy in the input-gradient GEMM."""
+    dgrad_weight: Fp8Format = Fp8Format.E4M3
+    """Format of W in the input-gradient GEMM."""
+    wgrad_grad_output: Fp8Format = Fp8Format.E4M3
+    """Format of dy in the weight-gradient GEMM."""
+    wgrad_input: Fp8Format = Fp8Format.E4M3
+    """Format of x in the weight-gradient GEMM."""
+    block_size: int = 32
+    """MX block size (elements sharing one E8M0 scale along the reduction dim). MX only."""
+    scale_rule: ScaleRuleName = ScaleRuleName.RCEIL
+    """MX scale rule: rceil (the paper) or floor (OCP v1.0). MX only."""
+    history_len: int = 16
+    """Delayed scaling: number of past amax values kept."""
+    amax_reduce: AmaxReduce = AmaxReduce.MAX
+    """Delayed scaling: reduce the history by max or by an exponential moving average."""
+    ema_decay: float = 0.9
+    """Delayed scaling with ema: weight of the old average, in (0, 1)."""
+    convert: tuple[str, ...] = DEFAULT_CONVERT
+    """fnmatch patterns of nn.Linear fqns eligible for conversion (default: transformer blocks)."""
+    keep_high_precision: tuple[str, ...] = DEFAULT_KEEP
+    """fnmatch patterns of fqns always kept in high precision (embeddings, LM head)."""
+    quantize_attention_bmm: bool = False
+    """Whether the attention BMMs (QK^T, PV) are quantized too. The paper keeps them in bf16."""
+    dynamic_loss_scaling: bool | None = None
+    """Whether training needs a dynamic loss scaler. None = derived: True for per-tensor FP8."""
+    backend: Backend = Backend.AUTO
+    """GEMM backend: auto, emulated or scaled_mm."""
+    description: str = field(default="", compare=False)
+    """One line for `mxfp8 recipes`."""
+
+    def __post_init__(self) -> None:
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)  # frozen: normalize once, here
+
+        put("scaling", _enum(ScalingKind, self.scaling, "scaling"))
+        for f in FORMAT_FIELDS:
+            put(f, _enum(Fp8Format, getattr(self, f), f))
+        put("scale_rule", _enum(ScaleRuleName, self.scale_rule, "scale_rule"))
+        put("amax_reduce", _enum(AmaxReduce, self.amax_reduce, "amax_reduce"))
+        put("backend", _enum(Backend, self.backend, "backend"))
+        for name in ("convert", "keep_high_precision"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(isinstance(p, str) for p in value):
+                raise ValueError(f"recipe field {name} must be a list of fnmatch patterns")
+            put(name, tuple(value))
+        if self.dynamic_loss_scaling is None:
+            put("dynamic_loss_scaling", self.scaling.per_tensor)
+        self._validate()
+
+    def _validate(self) -> None:
+        if not isinstance(self.block_size, int) or isinstance(self.block_size, bool):
+            raise ValueError(f"block_size must be an int, got {self.block_size!r}")
+        if self.scaling is ScalingKind.MX and self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1 for MX scaling, got {self.block_size}")
+        if not isinstance(self.history_len, int) or self.history_len < 1:
+            raise ValueError(f"history_len must be an int >= 1, got {self.history_len!r}")
+        if not 0.0 < float(self.ema_decay) < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay!r}")
+        if self.scaling.per_tensor:
+            # one quantized copy per tensor feeds both GEMMs that use it (transposing a
+            # per-tensor-scaled tensor is exact), so its format must agree across them
+            for a, b in (
+                ("fprop_input", "wgrad_input"),
+                ("fprop_weight", "dgrad_weight"),
+                ("dgrad_grad_output", "wgrad_grad_output"),
+            ):
+                if getattr(self, a) != getattr(self, b):
+                    raise ValueError(
+                        f"{self.scaling.value} scaling quantizes each tensor once for both GEMMs "
+                        f"that use it, so {a} and {b} must be equal "
+                        f"(got {getattr(self, a).value} and {getattr(self, b).value})"
+                    )
+        if self.backend is Backend.SCALED_MM and self.scaling is not ScalingKind.MX:
+            raise ValueError(
+                "backend 'scaled_mm' is for MX recipes; allowed for "
+                f"{self.scaling.value} scaling: 'auto', 'emulated'"
+            )
+        if self.backend is Backend.SCALED_MM and self.block_size != 32:
+            raise ValueError(
+                f"backend 'scaled_mm' needs block_size 32 (hardware MX), got {self.block_size}"
+            )
+        if self.scaling is ScalingKind.NONE and self.quantize_attention_bmm:
+            raise ValueError("quantize_attention_bmm needs a quantizing recipe (scaling != none)")
+
+    # --- access -------------------------------------------------------------------------
+    @property
+    def quantized(self) -> bool:
+        return self.scaling is not ScalingKind.NONE
+
+    def fmt(self, gemm: str, operand: str) -> Fp8Format:
+        """The element format of ``operand`` in ``gemm`` (see GEMM_OPERANDS)."""
+        if operand not in GEMM_OPERANDS.get(gemm, ()):
+            raise KeyError(f"no operand {operand!r} in GEMM {gemm!r}; see GEMM_OPERANDS")
+        return getattr(self, f"{gemm}_{operand}")
+
+    def replace(self, **changes: Any) -> Recipe:
+        """A copy with some fields changed (validated again)."""
+        if "dynamic_loss_scaling" not in changes and "scaling" in changes:
+            changes["dynamic_loss_scaling"] = None  # re-derive from the new scaling kind
+        return dataclasses.replace(self, **changes)
+
+    # --- serialization ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of strings, numbers, bools and lists (JSON/TOML friendly)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, enum.Enum):
+                value = value.value
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        """Inverse of :meth:`to_dict`; unknown keys are an error (typos must not pass)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown recipe field(s) {unknown}; allowed: {sorted(names)}")
+        return cls(**data)
+
+    def to_toml(self) -> str:
+        return _toml.dumps(self.to_dict())
+
+    @classmethod
+    def from_toml(cls, text: str) -> Recipe:
+        return cls.from_dict(tomllib.loads(text))
+
+
+FORMAT_FIELDS = tuple(f"{g}_{o}" for g in GEMMS for o in GEMM_OPERANDS[g])
+
+_E4, _E5 = Fp8Format.E4M3, Fp8Format.E5M2
+_GRADS_E5M2 = {"dgrad_grad_output": _E5, "wgrad_grad_output": _E5}
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    "bf16": dict(scaling=ScalingKind.NONE, description="no quantization: the bf16 baseline"),
+    "mxfp8": dict(
+        scaling=ScalingKind.MX,
+        description="the paper: MX blocks of 32, E4M3 everywhere, rceil scales",
+    ),
+    "mxfp8-floor": dict(
+        scaling=ScalingKind.MX,
+        scale_rule=ScaleRuleName.FLOOR,
+        description="as mxfp8 with the OCP v1.0 floor scale rule (the paper's failing ablation)",
+    ),
+    "mxfp8-e5m2-grads": dict(
+        scaling=ScalingKind.MX,
+        **_GRADS_E5M2,
+        description="as mxfp8 with output gradients in E5M2",
+    ),
+    "fp8-tensorwise": dict(
+        scaling=ScalingKind.TENSORWISE,
+        **_GRADS_E5M2,
+        description="per-tensor current scaling; E4M3 forward, E5M2 gradients",
+    ),
+    "fp8-delayed": dict(
+        scaling=ScalingKind.DELAYED,
+        **_GRADS_E5M2,
+        history_len=16,
+        amax_reduce=AmaxReduce.MAX,
+        description="per-tensor delayed scaling: max amax of the last 16 steps",
+    ),
+    "fp8-delayed-ema": dict(
+        scaling=ScalingKind.DELAYED,
+        **_GRADS_E5M2,
+        history_len=16,
+        amax_reduce=AmaxReduce.EMA,
+        ema_decay=0.9,
+        description="per-tensor delayed scaling: EMA of past amax (decay 0.9)",
+    ),
+}
+
+
+def list_recipes() -> list[str]:
+    """Names of the preset recipes, in a stable order (baseline first)."""
+    return list(_PRESETS)
+
+
+def recipe(name: str, **overrides: Any) -> Recipe:
+    """The preset ``name``, optionally with some fields overridden."""
+    if name not in _PRESETS:
+        raise ValueError(f"unknown recipe {name!r}; presets: {', '.join(_PRESETS)}")
+    return Recipe(name=name, **{**_PRESETS[name], **overrides})

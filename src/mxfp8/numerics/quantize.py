@@ -1,0 +1,200 @@
+"""Fast MX quantization: ``quantize``, ``dequantize`` and ``fake_quantize``.
+
+Semantics (identical, bit for bit, to the spec-simple oracle in ``reference.py``):
+
+- blocks of ``block_size`` consecutive elements along ``dim``, one E8M0 scale per block,
+  chosen by the :class:`ScaleRule` (exact, from the fp32 bits of the block amax) and
+  clamped to [-127, 127];
+- elements are ``x / 2^e`` rounded to nearest-even in the element format, saturating to
+  +-max_finite;
+- an all-zero block has scale bits 0 and zero elements; a block holding any NaN or Inf has
+  scale bits 255 and NaN elements (code 0x7F), so it dequantizes to NaN;
+- fp32 subnormal inputs are not flushed.
+
+``compiled=True`` runs the same math through ``torch.compile`` (fused loops instead of
+several eager passes; the first call per format, rule and dtype compiles, which takes
+seconds). Both paths are tested to be bit-identical. ``out=`` reuses output buffers: fresh
+large allocations are page-fault bound on CPU (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from mxfp8.numerics import kernels
+from mxfp8.numerics.formats import E4M3, ElemFormat, ScaleRule, as_format, check_float_input
+from mxfp8.numerics.tensor import MXTensor
+
+__all__ = ["quantize", "dequantize", "fake_quantize"]
+
+
+def _check_args(x: torch.Tensor, block_size: int, dim: int) -> int:
+    """Validate the common arguments; return ``dim`` made non-negative."""
+    check_float_input(x)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    if x.dim() == 0:
+        raise ValueError("MX quantization needs a tensor with at least one dimension")
+    if not -x.dim() <= dim < x.dim():
+        raise IndexError(f"dim {dim} out of range for a {x.dim()}-d tensor")
+    return dim % x.dim()
+
+
+def _blocked(x: torch.Tensor, block_size: int, dim: int, pad: bool):
+    """Reshape x to (outer, block_size, inner) blocks along ``dim``, zero-padding if asked.
+
+    Returns the block view, the scale shape and the (padded) shape of x.
+    """
+    size = x.shape[dim]
+    if size % block_size:
+        if not pad:
+            raise ValueError(
+                f"size {size} along dim {dim} is not a multiple of block_size {block_size} "
+                "(pass pad=True to zero-pad the last block)"
+            )
+        # F.pad counts from the last dimension: (left, right) pairs, last dim first
+        widths = [0, 0] * (x.dim() - 1 - dim) + [0, block_size - size % block_size]
+        x = F.pad(x, widths)
+    nblocks = x.shape[dim] // block_size
+    outer = x.shape[:dim].numel() * nblocks
+    inner = x.shape[dim + 1 :].numel()
+    xb = x.reshape(outer, block_size, inner)  # one E8M0 scale per block_size values along dim
+    scale_shape = list(x.shape)
+    scale_shape[dim] = nblocks
+    return xb, scale_shape, x.shape
+
+
+def _unpad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    return t if t.shape[dim] == size else t.narrow(dim, 0, size).contiguous()
+
+
+@functools.cache
+def _compiled(fn: Callable, fmt: ElemFormat, rule: ScaleRule, dtype: torch.dtype) -> Callable:
+    """A torch.compile'd copy of ``fn`` for one (format, rule, input dtype).
+
+    Dynamo's recompile limit (8) counts the graphs of one code object. Giving each
+    configuration its own copy of the code keeps a run that mixes formats, rules, dtypes
+    and layer shapes from silently falling back to eager. ``dynamic=None``: the first
+    shape compiles static, a second shape recompiles with dynamic sizes.
+    """
+    code = fn.__code__.replace()  # a distinct code object, hence a distinct dynamo cache
+    clone = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__)
+    return torch.compile(clone, fullgraph=True, dynamic=None)
+
+
+def _kernel(fn: Callable, compiled: bool, fmt, rule, dtype) -> Callable:
+    if torch.compiler.is_compiling():  # inside a caller's torch.compile: it traces the
+        return functools.partial(fn, fused=True)  # branch-free kernel and fuses it itself
+    if compiled:
+        return functools.partial(_compiled(fn, fmt, rule, dtype), fused=True)
+    return fn
+
+
+def _check_out(out: torch.Tensor, shape, dtype: torch.dtype, what: str) -> None:
+    if out.shape != shape or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(
+            f"{what} must be a contiguous {dtype} tensor of shape {tuple(shape)}, "
+            f"got {out.dtype} {tuple(out.shape)} (contiguous={out.is_contiguous()})"
+        )
+
+
+def quantize(
+    x: torch.Tensor,
+    fmt: ElemFormat | str = E4M3,
+    *,
+    block_size: int = 32,
+    dim: int = -1,
+    scale_rule: ScaleRule | str = ScaleRule.RCEIL,
+    pad: bool = False,
+    compiled: bool = False,
+    out: MXTensor | None = None,
+) -> MXTensor:
+    """MX-quantize ``x`` (fp32, bf16 or fp16, any rank) along ``dim``.
+
+    Raises ValueError when ``x.shape[dim]`` is not a multiple of ``block_size`` unless
+    ``pad=True``, which zero-pads the last block of each row before choosing its scale
+    (the zeros never change a block's amax); ``data`` keeps x's shape and ``scale`` has
+    ``ceil(size / block_size)`` entries along ``dim``.
+
+    ``compiled=True`` uses the torch.compile'd kernel (bit-identical, several times faster
+    after a first call that compiles). ``out``: an MXTensor of the same shape, format and
+    layout whose ``data`` and ``scale`` buffers are overwritten and returned in a new
+    MXTensor; fresh large allocations are slow on CPU, so hot loops should reuse buffers.
+    """
+    dim = _check_args(x, block_size, dim)
+    fmt = as_format(fmt)
+    rule = ScaleRule.parse(scale_rule)
+    size = x.shape[dim]
+    if x.numel() == 0:
+        scale_shape = list(x.shape)
+        scale_shape[dim] = -(-size // block_size)
+        data = torch.empty(x.shape, dtype=fmt.torch_dtype, device=x.device)
+        scale = torch.empty(scale_shape, dtype=torch.float8_e8m0fnu, device=x.device)
+        return MXTensor(data, scale, fmt, block_size, dim, rule)
+    xb, scale_shape, padded_shape = _blocked(x, block_size, dim, pad)
+    fn = _kernel(kernels.quantize_blocks, compiled, fmt, rule, x.dtype)
+    consts = (fmt, rule)
+    direct = out is not None and padded_shape == x.shape  # write straight into out
+    if out is not None:
+        _check_out(out.data, x.shape, fmt.torch_dtype, "out.data")
+        _check_out(out.scale, torch.Size(scale_shape), torch.float8_e8m0fnu, "out.scale")
+    if direct:
+        bufs = (out.data.view(xb.shape), out.scale.view(torch.uint8).view(xb.shape[0], 1, -1))
+        q, bits = fn(xb, *consts, out=bufs)
+    else:
+        q, bits = fn(xb, *consts)
+    data = _unpad(q.reshape(padded_shape), dim, size)
+    scale = bits.reshape(scale_shape).view(torch.float8_e8m0fnu)
+    if out is not None and not direct:
+        data, scale = out.data.copy_(data), out.scale.copy_(scale)
+    return MXTensor(data, scale, fmt, block_size, dim, rule)
+
+
+def dequantize(t: MXTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``t.dequantize(dtype)``: data times 2^scale, NaN for blocks with a NaN scale."""
+    return t.dequantize(dtype)
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    fmt: ElemFormat | str = E4M3,
+    *,
+    block_size: int = 32,
+    dim: int = -1,
+    scale_rule: ScaleRule | str = ScaleRule.RCEIL,
+    pad: bool = False,
+    compiled: bool = False,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x rounded onto the MX grid, in x's dtype and shape.
+
+    Bit-equal to ``quantize(x, ...).dequantize(x.dtype)`` without materializing the
+    MXTensor: the hot path of the emulated GEMMs. The dequantized values are computed in
+    fp32 and then cast, so for fp16 inputs a block whose largest value rounds up past
+    65504 gives inf, exactly as ``dequantize`` would.
+
+    ``compiled=True`` uses the torch.compile'd kernel (one fused pass, bit-identical).
+    ``out``: a contiguous buffer of x's shape and dtype to write into (and return); reuse
+    one across calls in hot loops, since fresh large allocations are slow on CPU.
+    """
+    dim = _check_args(x, block_size, dim)
+    fmt = as_format(fmt)
+    rule = ScaleRule.parse(scale_rule)
+    if out is not None:
+        _check_out(out, x.shape, x.dtype, "out")
+    if x.numel() == 0:
+        return out if out is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    size = x.shape[dim]
+    xb, _, padded_shape = _blocked(x, block_size, dim, pad)
+    fn = _kernel(kernels.fake_quantize_blocks, compiled, fmt, rule, x.dtype)
+    consts = (fmt, rule)
+    if out is not None and padded_shape == x.shape:
+        fn(xb, *consts, out=out.view(xb.shape))
+        return out
+    result = _unpad(fn(xb, *consts).reshape(padded_shape), dim, size)
+    return result if out is None else out.copy_(result)

@@ -1,0 +1,174 @@
+"""MXLinear equals, bit for bit, an explicit computation from ``mxfp8.quantize``.
+
+How the accumulation order is taken out of the comparison: in each configuration, one operand
+of the GEMM under test is a signed, power-of-two-scaled permutation matrix (one non-zero per
+row and column). Its quantization is exact along any axis (a block holding one power of two
+represents it exactly, for both formats and both rules), and every output element is a single
+product of two MX values plus exact zeros: at most 8 significant bits, exact in bf16 and fp32
+whatever the summation order. The other operand is dense, with magnitudes spread over
+2^-32..2^4 (wider than E5M2's 31 octaves) so that blocks along rows and along columns have
+different scales (subnormal rounding, and saturation under the floor rule): quantizing along
+the wrong axis changes the result, which a test checks too, so this cannot pass vacuously.
+The reference is quantize(...) along the documented axis, dequantize, matmul in float64
+(exact), cast to the output dtype (exact).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mxfp8.layers.linear import MXLinear
+from mxfp8.layers.recipe import recipe
+from mxfp8.numerics.quantize import quantize
+
+MX_RECIPES = ["mxfp8", "mxfp8-floor", "mxfp8-e5m2-grads"]
+S = 64  # M = N = K, so permutation operands are square
+
+
+def _perm(seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(S, generator=g)
+    vals = torch.exp2(torch.randint(-3, 4, (S,), generator=g).float())
+    vals = vals * (torch.randint(0, 2, (S,), generator=g).float() * 2 - 1)
+    p = torch.zeros(S, S)
+    p[torch.arange(S), idx] = vals
+    return p
+
+
+def _dense(seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mag = torch.exp2(torch.randint(-32, 5, (S, S), generator=g).float())
+    # bf16-representable, so that the bf16 gradient autocast hands back is the same tensor
+    return (torch.randn(S, S, generator=g) * mag).bfloat16().float()
+
+
+def _q(t: torch.Tensor, fmt, dim: int, r) -> torch.Tensor:
+    """Reference operand: MX-quantize the high-precision tensor along ``dim``; float64."""
+    return quantize(t, fmt.elem(), block_size=r.block_size, dim=dim, scale_rule=r.scale_rule.value)
+
+
+def _ref(x, w, dy, r, dt):
+    """Explicit y, dx, dW from quantize along the documented axes (notes, section 4)."""
+    d = torch.float64
+    y = _q(x, r.fprop_input, -1, r).dequantize(d) @ _q(w, r.fprop_weight, -1, r).dequantize(d).T
+    dx = _q(dy, r.dgrad_grad_output, -1, r).dequantize(d) @ _q(w, r.dgrad_weight, 0, r).dequantize(
+        d
+    )
+    dw = _q(dy, r.wgrad_grad_output, 0, r).dequantize(d).T @ _q(x, r.wgrad_input, 0, r).dequantize(
+        d
+    )
+    return y.to(dt), dx, dw
+
+
+def _run(x, w, dy, r, autocast: bool):
+    layer = MXLinear(S, S, bias=False, recipe=r)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+    xin = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = layer(xin.view(2, S // 2, S))  # a leading batch dim: tokens = 2 * 32
+    y.backward(dy.to(y.dtype).view(2, S // 2, S))
+    return y.reshape(S, S), xin.grad, layer.weight.grad
+
+
+CONFIGS = {
+    # name: (x, w, dy) generators; the GEMMs that are exact in each, and what they test
+    "dense-x-dy": (lambda: _dense(1), lambda: _perm(2), lambda: _dense(3)),  # x rows, dy rows
+    "dense-w": (lambda: _perm(4), lambda: _dense(5), lambda: _perm(6)),  # W rows, W cols
+    "dense-dy-cols": (lambda: _perm(7), lambda: _perm(8), lambda: _dense(9)),  # dy cols
+    "dense-x-cols": (lambda: _dense(10), lambda: _perm(11), lambda: _perm(12)),  # x cols
+}
+# which outputs are exact (one non-zero product per element) in each configuration
+EXACT = {
+    "dense-x-dy": ("y", "dx"),
+    "dense-w": ("y", "dx", "dw"),
+    "dense-dy-cols": ("y", "dw"),
+    "dense-x-cols": ("y", "dx", "dw"),
+}
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast-bf16"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("name", MX_RECIPES)
+def test_three_gemms_bit_exact(name, config, autocast):
+    r = recipe(name, convert=("*",))
+    x, w, dy = (f() for f in CONFIGS[config])
+    dt = torch.bfloat16 if autocast else torch.float32
+    y, dx, dw = _run(x, w, dy, r, autocast)
+    ry, rdx, rdw = _ref(x, w, dy, r, dt)
+    assert y.dtype == dt and dx.dtype == torch.float32 and dw.dtype == torch.float32
+    got = {"y": (y, ry), "dx": (dx, rdx.to(dt).float()), "dw": (dw, rdw.to(dt).float())}
+    for key in EXACT[config]:
+        a, b = got[key]
+        assert torch.equal(a, b.to(a.dtype)), f"{key} differs from the explicit computation"
+
+
+def _wrong_axis(x, w, dy, r):
+    """The same computation with every operand quantized along the other axis."""
+    d = torch.float64
+    y = _q(x, r.fprop_input, 0, r).dequantize(d) @ _q(w, r.fprop_weight, 0, r).dequantize(d).T
+    dx = _q(dy, r.dgrad_grad_output, 0, r).dequantize(d) @ _q(w, r.dgrad_weight, -1, r).dequantize(
+        d
+    )
+    dw = _q(dy, r.wgrad_grad_output, -1, r).dequantize(d).T @ _q(
+        x, r.wgrad_input, -1, r
+    ).dequantize(d)
+    return y, dx, dw
+
+
+@pytest.mark.parametrize("name", MX_RECIPES)
+def test_axes_matter_for_this_data(name):
+    """Guard against a vacuous pass: in every configuration, the output that exercises the
+    dense operand changes when that operand is quantized along the other axis."""
+    r = recipe(name)
+    tested = {
+        "dense-x-dy": ("y", "dx"),
+        "dense-w": ("y", "dx"),
+        "dense-dy-cols": ("dw",),
+        "dense-x-cols": ("dw",),
+    }
+    for config, keys in tested.items():
+        x, w, dy = (f() for f in CONFIGS[config])
+        right = dict(zip(("y", "dx", "dw"), _ref(x, w, dy, r, torch.float64), strict=True))
+        wrong = dict(zip(("y", "dx", "dw"), _wrong_axis(x, w, dy, r), strict=True))
+        for key in keys:
+            assert not torch.equal(right[key], wrong[key]), (config, key)
+
+
+def test_column_copies_come_from_high_precision():
+    """wgrad's x operand (blocks along tokens) is quantized from x itself, not from the
+    row-quantized x (transposed as is, or re-quantized along columns)."""
+    r = recipe("mxfp8")
+    x, w, dy = (f() for f in CONFIGS["dense-x-cols"])  # dy a permutation: dW exposes x's copy
+    _, _, dw = _run(x, w, dy, r, autocast=False)
+    d = torch.float64
+    dyq = _q(dy, r.wgrad_grad_output, 0, r).dequantize(d)
+    from_hp = dyq.T @ _q(x, r.wgrad_input, 0, r).dequantize(d)
+    rows = _q(x, r.fprop_input, -1, r).dequantize(torch.float32)
+    transposed_rows = dyq.T @ rows.double()
+    double_quantized = dyq.T @ _q(rows, r.wgrad_input, 0, r).dequantize(d)
+    assert torch.equal(dw, from_hp.float())
+    assert not torch.equal(dw, transposed_rows.float())
+    assert not torch.equal(dw, double_quantized.float())
+    # same for dgrad's W operand (blocks along N), with configuration dense-w
+    x, w, dy = (f() for f in CONFIGS["dense-w"])
+    _, dx, _ = _run(x, w, dy, r, autocast=False)
+    dyq = _q(dy, r.dgrad_grad_output, -1, r).dequantize(d)
+    w_rows = _q(w, r.fprop_weight, -1, r).dequantize(torch.float32)
+    assert torch.equal(dx, (dyq @ _q(w, r.dgrad_weight, 0, r).dequantize(d)).float())
+    assert not torch.equal(dx, (dyq @ w_rows.double()).float())
+    assert not torch.equal(dx, (dyq @ _q(w_rows, r.dgrad_weight, 0, r).dequantize(d)).float())
+
+
+def test_bias_and_output_in_high_precision():
+    r = recipe("mxfp8", convert=("*",))
+    layer = MXLinear(S, S, bias=True, recipe=r)
+    with torch.no_grad():
+        layer.bias.copy_(torch.randn(S) * 1e-3 + 0.1)  # not on any FP8 grid
+    x = _dense(1)
+    y = layer(x)
+    y0 = layer(x) - layer.bias
+    assert torch.equal(y, y0 + layer.bias)  # bias added in fp32 after the GEMM
+    y.sum().backward()
+    assert torch.equal(layer.bias.grad, torch.full((S,), float(S)))
