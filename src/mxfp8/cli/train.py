@@ -1,0 +1,183 @@
+"""``mxfp8 train``: pre-train a model under a recipe (the main job when run with no arguments).
+
+Every ``--section.field`` option is generated from the config dataclasses of
+:mod:`mxfp8.train.config`, with their help text, so this file never lists options by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+# short flag -> (config key, metavar, help)
+SHORT_FLAGS: dict[str, tuple[str, str, str]] = {
+    "--recipe": ("recipe.name", "NAME", "recipe preset (see `mxfp8 recipes`) = --recipe.name"),
+    "--model": ("model.preset", "PRESET", "model preset: tiny, 125m, 350m, 1b, 8b"),
+    "--data": ("data.source", "SOURCE", "shakespeare, kjv, or .txt/.jsonl/.parquet paths"),
+    "--steps": ("run.steps", "N", "planned optimizer steps (the lr schedule spans them)"),
+    "--out": ("run.out", "DIR", "run directory (default: runs/<recipe>-<timestamp>)"),
+    "--seed": ("run.seed", "SEED", "seed of the model init and the data order"),
+    "--stop-after": ("run.stop_after", "K", "end this process after K steps, with a checkpoint"),
+}
+USAGE = (
+    "mxfp8 train [--config FILE] [--recipe NAME] [--model PRESET] [--data SOURCE] [--steps N]\n"
+    "                   [--out DIR] [--seed SEED] [--resume] [--stop-after K]\n"
+    "                   [--SECTION.FIELD VALUE ...]"
+)
+_PREFIX = "set:"  # argparse dest of generated options: "set:section.field"
+
+DESCRIPTION = """\
+Pre-train a Llama-style model under a quantization recipe. With no arguments this is the main
+job: the `tiny` model, the `mxfp8` recipe and the Shakespeare corpus (a few minutes on CPU).
+
+Settings come from the defaults, then --config FILE (TOML, one table per section), then
+--section.field VALUE options. The resolved config is saved as RUN/config.toml, and
+`--resume --out RUN` continues a stopped run (bit-identical to an uninterrupted one)."""
+
+
+def _short_type(tp: Any) -> str:
+    from mxfp8.train.fields import type_name
+
+    name = type_name(tp).replace("NoneType", "none")
+    name = name.replace("list of str (comma-separated)", "A,B,...")
+    return name.replace("2 floats (comma-separated)", "X,Y")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from mxfp8.train.config import config_keys
+
+    p = subparsers.add_parser(
+        "train",
+        help="pre-train a model under a recipe (the main job)",
+        description=DESCRIPTION,
+        usage=USAGE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    p.add_argument("--config", metavar="FILE", help="TOML config file (sections as below)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest checkpoint in --out (its config.toml is the base)",
+    )
+    p.add_argument(
+        "--no-report", action="store_true", help="do not write RUN/report.html at the end"
+    )
+    for flag, (key, metavar, help_text) in SHORT_FLAGS.items():
+        p.add_argument(
+            flag, dest=_PREFIX + key, metavar=metavar, default=argparse.SUPPRESS, help=help_text
+        )
+    keys = config_keys()
+    for section, entries in keys.items():
+        group = p.add_argument_group(f"[{section}] options")
+        for name, tp, default, help_text in entries:
+            shown = getattr(default, "value", default)
+            text = help_text if "(default:" in help_text else f"{help_text} (default: {shown!r})"
+            group.add_argument(
+                f"--{section}.{name}",
+                dest=f"{_PREFIX}{section}.{name}",
+                metavar=_short_type(tp),
+                default=argparse.SUPPRESS,
+                help=text.replace("%", "%%"),
+            )
+    _reject_unknown_with_help(p, keys)
+    return p
+
+
+def _reject_unknown_with_help(p: argparse.ArgumentParser, keys: dict) -> None:
+    """Unknown ``--section.field`` options fail with the valid keys of that section."""
+    original = p.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        ns, extras = original(args, namespace)
+        for item in extras:
+            if not item.startswith("--"):
+                continue
+            from mxfp8.train.config import ConfigError, apply_overrides
+
+            dotted = item[2:].split("=", 1)[0]
+            section, _, field = dotted.partition(".")
+            if section in keys:
+                import difflib
+
+                valid = [e[0] for e in keys[section]]
+                close = difflib.get_close_matches(field, valid, n=1)
+                hint = f" (did you mean --{section}.{close[0]}?)" if close else ""
+                p.error(
+                    f"unknown option --{dotted}{hint}; valid keys in [{section}]: "
+                    + ", ".join(valid)
+                )
+            try:
+                apply_overrides({}, {dotted: ""})
+            except ConfigError as e:
+                p.error(f"unknown option --{dotted}: {e}")
+            p.error(f"unknown option {item}")
+        return ns, extras
+
+    p.parse_known_args = parse_known_args  # type: ignore[method-assign]
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """``{"section.field": value}`` from parsed options; presets first so fields apply on top."""
+    found = {k[len(_PREFIX) :]: v for k, v in vars(args).items() if k.startswith(_PREFIX)}
+    heads = {k: v for k, v in found.items() if k in ("model.preset", "recipe.name")}
+    return {**heads, **{k: v for k, v in found.items() if k not in heads}}
+
+
+def build_config(args: argparse.Namespace):
+    """The run config of a command line (a resumed run starts from its saved config)."""
+    from mxfp8.train.config import load_config
+
+    overrides = overrides_from_args(args)
+    base = getattr(args, "config", None)
+    if getattr(args, "resume", False):
+        out = overrides.get("run.out")
+        if not out:
+            from mxfp8.train.config import ConfigError
+
+            raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
+        saved = Path(out) / "config.toml"
+        if base is None and saved.is_file():
+            base = saved
+            overrides.setdefault("run.stop_after", 0)  # the earlier job's limit is not ours
+        overrides["run.resume"] = True
+    return load_config(base, overrides)
+
+
+def run_config(cfg, *, report: bool = True) -> int:
+    from mxfp8.train.loop import train
+
+    result = train(cfg)
+    if result.completed:
+        print(f"final validation loss: {result.final_val_loss:.4f}")
+        print(f"final validation perplexity: {result.final_val_ppl:.2f}")
+        if report:
+            _write_report(result.run_dir)
+    else:
+        print(f"stopped after step {result.step} of {cfg.run.steps} (checkpoint written); "
+              f"continue with: mxfp8 train --resume --out {result.run_dir}")  # fmt: skip
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def _write_report(run_dir: Path) -> None:
+    """The HTML report of the finished run; a failure here never fails the training job."""
+    try:
+        from mxfp8.report.html import write_report
+
+        print(f"report: {write_report(run_dir)}")
+    except Exception as e:  # noqa: BLE001 - the run itself succeeded and is on disk
+        print(f"mxfp8 train: warning: no report written ({type(e).__name__}: {e})", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mxfp8.train.config import ConfigError
+
+    try:
+        cfg = build_config(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"mxfp8 train: error: {e}", file=sys.stderr)
+        return 2
+    return run_config(cfg, report=not args.no_report)

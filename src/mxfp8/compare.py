@@ -1,0 +1,192 @@
+"""Train the same model under several recipes, side by side, then write the report.
+
+Same model, same seed, same data order: every run is the base config with only
+``recipe.name`` and ``run.out`` changed, so their loss curves differ by the recipe alone.
+Runs go one after the other into ``OUT/<recipe>/`` and the comparison is resumable:
+
+- a run whose ``summary.json`` says it completed the planned steps is skipped;
+- a run with a checkpoint is resumed from it (bit-identical to an uninterrupted run);
+- a run that left files but no checkpoint is started again from scratch;
+- a run directory holding a run of a *different* config is an error, never overwritten.
+
+Then ``OUT/comparison.json`` (the recipe order) and ``OUT/report.html`` are written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mxfp8.report.html import write_report
+from mxfp8.report.loader import COMPARISON_INDEX
+from mxfp8.train.config import ConfigError, TrainConfig, load_config
+
+DEFAULT_RECIPES = ("bf16", "mxfp8")
+DEFAULT_TELEMETRY_EVERY = 100  # overhead measured at 2-4.5 % of training time (performance.md)
+MIN_TELEMETRY_POINTS = 4  # short runs sample more often, so the heatmaps have columns
+DEFAULT_CKPT_EVERY = 100  # so that an interrupted comparison loses at most this many steps
+
+# run fields that do not change what a run computes (left out of the same-config check)
+_VOLATILE_RUN_FIELDS = (
+    "out",
+    "resume",
+    "stop_after",
+    "progress",
+    "log_every",
+    "ckpt_every",
+    "keep_last",
+    "device",
+    "compile",
+    "compile_quantize",
+    "telemetry_every",
+)
+# files a run writes; removed before a fresh restart of a run that has no checkpoint
+_RUN_FILES = ("metrics.jsonl", "numerics.jsonl", "events.jsonl", "summary.json")
+
+
+class CompareError(RuntimeError):
+    """A comparison that cannot proceed (e.g. a run directory of another config)."""
+
+
+def default_telemetry_every(steps: int) -> int:
+    """Every 100 steps, or often enough to give at least 4 telemetry steps in a short run."""
+    return max(1, min(DEFAULT_TELEMETRY_EVERY, steps // MIN_TELEMETRY_POINTS))
+
+
+def _fingerprint(cfg: TrainConfig) -> dict[str, Any]:
+    """What must match between a run on disk and the run we would start."""
+    d = cfg.to_dict()
+    d["run"] = {k: v for k, v in d["run"].items() if k not in _VOLATILE_RUN_FIELDS}
+    # the loop records the tokenizer's vocab size as a model override when none was given
+    d["model"] = {k: v for k, v in d["model"].items() if k != "vocab_size"}
+    return d
+
+
+@dataclass
+class RunPlan:
+    recipe: str
+    cfg: TrainConfig
+    state: str  # "done", "resume", "fresh"
+
+
+@dataclass
+class CompareResult:
+    out: Path
+    report: Path | None
+    done: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    incomplete: list[str] = field(default_factory=list)
+
+
+def _state(run_dir: Path, cfg: TrainConfig) -> str:
+    from mxfp8.train.checkpoint import latest_checkpoint
+
+    saved = run_dir / "config.toml"
+    if saved.is_file():
+        theirs = load_config(saved)
+        if _fingerprint(theirs) != _fingerprint(cfg):
+            raise CompareError(
+                f"{run_dir} holds a run with a different config (compare "
+                f"{saved} with the options given); use another --out or remove it"
+            )
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        if summary.get("steps") == cfg.run.steps:
+            return "done"
+    if latest_checkpoint(run_dir) is not None:
+        return "resume"
+    return "fresh"
+
+
+def plan(base: TrainConfig, recipes: Sequence[str], out: Path) -> list[RunPlan]:
+    """One config per recipe (only ``recipe.name`` and ``run.out`` differ), with its state."""
+    if len(set(recipes)) != len(recipes):
+        raise CompareError(f"a recipe is listed twice: {list(recipes)}")
+    plans = []
+    for name in recipes:
+        run_dir = out / name
+        try:  # recipe field overrides given on the command line apply to every recipe
+            recipe_section = dataclasses.replace(base.recipe, name=name)
+        except ConfigError as exc:
+            raise CompareError(f"recipe {name}: {exc}") from None
+        cfg = base.replace(
+            recipe=recipe_section,
+            run=dataclasses.replace(base.run, out=str(run_dir), resume=False),
+        )
+        state = _state(run_dir, cfg)
+        if state == "resume":
+            cfg = cfg.replace(run=dataclasses.replace(cfg.run, resume=True))
+        plans.append(RunPlan(name, cfg, state))
+    return plans
+
+
+def with_compare_defaults(base: TrainConfig, explicit: set[str]) -> TrainConfig:
+    """Telemetry on and periodic checkpoints, unless the user set those fields."""
+    run = base.run
+    changes: dict[str, Any] = {}
+    if "run.telemetry_every" not in explicit:
+        changes["telemetry_every"] = default_telemetry_every(run.steps)
+    if "run.ckpt_every" not in explicit and run.ckpt_every == 0:
+        changes["ckpt_every"] = min(DEFAULT_CKPT_EVERY, run.steps)
+    return base.replace(run=dataclasses.replace(run, **changes)) if changes else base
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def compare(base: TrainConfig, recipes: Sequence[str], out: str | Path) -> CompareResult:
+    """Run (or resume, or skip) each recipe, then write ``out/report.html``."""
+    from mxfp8.train.loop import train
+
+    out = Path(out)
+    plans = plan(base, recipes, out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / COMPARISON_INDEX).write_text(json.dumps({"recipes": list(recipes)}, indent=2) + "\n")
+    result = CompareResult(out=out, report=None)
+    for i, p in enumerate(plans, start=1):
+        run_dir = out / p.recipe
+        head = f"[{i}/{len(plans)}] {p.recipe}"
+        if p.state == "done":
+            _say(f"{head}: already complete in {run_dir}, skipped")
+            result.done.append(p.recipe)
+            continue
+        if p.state == "fresh":
+            for name in _RUN_FILES:  # leftovers of a run killed before its first checkpoint
+                (run_dir / name).unlink(missing_ok=True)
+        verb = "resuming" if p.state == "resume" else "training"
+        _say(f"{head}: {verb} ({p.cfg.run.steps} steps) in {run_dir}")
+        try:
+            r = train(p.cfg)
+        except Exception as exc:  # one failed recipe must not lose the others
+            traceback.print_exc()
+            result.failed[p.recipe] = f"{type(exc).__name__}: {exc}"
+            continue
+        if r.completed:
+            result.done.append(p.recipe)
+        else:
+            result.incomplete.append(p.recipe)
+    report = out / "report.html"
+    if len(result.done) == len(plans) and _newer_than_runs(report, out, recipes):
+        result.report = report  # every run was skipped: the report is already up to date
+        return result
+    try:
+        result.report = write_report(out)
+    except FileNotFoundError:
+        result.report = None  # nothing was written (every run failed before logging)
+    return result
+
+
+def _newer_than_runs(report: Path, out: Path, recipes: Sequence[str]) -> bool:
+    if not report.is_file():
+        return False
+    made = report.stat().st_mtime
+    files = [out / r / name for r in recipes for name in (*_RUN_FILES, "config.toml")]
+    return all(f.stat().st_mtime <= made for f in files if f.is_file())

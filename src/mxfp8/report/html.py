@@ -1,0 +1,250 @@
+"""The self-contained HTML report of a run or a comparison directory.
+
+One file, no network: CSS inline, every figure embedded as a base64 PNG (and also written
+to ``plots/*.png`` next to it, for slides and docs). A few lines of inline script check, after
+load, that every image decoded, and log a console error if one did not: so "no console
+errors in a browser" also means "every figure rendered".
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import os
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from mxfp8.report.loader import RunData, baseline, load_runs
+from mxfp8.report.plots import Plot, all_plots
+
+REPORT_NAME = "report.html"
+PLOTS_DIR = "plots"
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1300px; color: #222; }
+h1 { font-size: 1.6em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ccc; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.92em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.7em; text-align: right; }
+th { background: #f0f0f0; } td:first-child, th:first-child { text-align: left; }
+td.bad { background: #fde2e2; } td.good { background: #e3f6e3; }
+figure { margin: 1.2em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { font-size: 0.9em; color: #555; }
+pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
+.note { color: #555; font-size: 0.9em; }
+"""
+
+# Runs after load: counts decoded images into data-images-ok, and reports any image that
+# failed to decode as a console error (which a headless-browser test then catches).
+_SCRIPT = """
+window.addEventListener("load", function () {
+  var imgs = document.querySelectorAll("img"), ok = 0;
+  for (var i = 0; i < imgs.length; i++) {
+    if (imgs[i].complete && imgs[i].naturalWidth > 0) { ok++; }
+    else { console.error("report image failed to decode: " + imgs[i].alt); }
+  }
+  document.body.setAttribute("data-images-ok", String(ok));
+});
+"""
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    if x is None or not math.isfinite(x):
+        return "&ndash;"
+    return f"{x:.{digits}g}" if abs(x) >= 1e4 else f"{x:.{digits}f}"
+
+
+def _safe_stem(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def _gap_pct(value: float | None, base: float | None) -> float | None:
+    if value is None or base is None or base == 0:
+        return None
+    return (value - base) / base * 100.0
+
+
+def summary_rows(runs: Sequence[RunData]) -> list[dict[str, object]]:
+    """The numbers of the summary table, one dict per run (also used by docs and tests)."""
+    base = baseline(runs)
+    base_val = base.final("final_val_loss") if base else None
+    base_ppl = base.final("final_val_ppl") if base else None
+    rows = []
+    for run in runs:
+        val = run.final("final_val_loss")
+        ppl = run.final("final_val_ppl")
+        if ppl is None and val is not None:
+            ppl = math.exp(val)
+        steps = run.summary.get("steps")
+        if not isinstance(steps, int):
+            logged = run.series("loss")[0]
+            steps = logged[-1] if logged else None
+        skipped = run.summary.get("skipped_steps", run.last("skipped_steps"))
+        rows.append(
+            {
+                "run": run.name,
+                "recipe": run.recipe,
+                "steps": steps,
+                "val_loss": val,
+                "val_ppl": ppl,
+                "gap_pct": None if run is base else _gap_pct(val, base_val),
+                "ppl_gap_pct": None if run is base else _gap_pct(ppl, base_ppl),
+                "tokens_per_s": run.final("tokens_per_s"),
+                "skipped_steps": int(skipped) if isinstance(skipped, int | float) else None,
+                "diverged": run.diverged,
+                "events": len(run.events),
+                "first_event_step": run.events[0].get("step") if run.events else None,
+            }
+        )
+    return rows
+
+
+def _table(runs: Sequence[RunData]) -> str:
+    head = (
+        "<tr><th>run</th><th>recipe</th><th>steps</th><th>final val loss</th>"
+        "<th>val ppl</th><th>gap to bf16 (loss %)</th><th>gap to bf16 (ppl %)</th>"
+        "<th>tokens/s</th><th>skipped steps</th><th>divergence flags</th></tr>"
+    )
+    body = []
+    for row in summary_rows(runs):
+        gap = row["gap_pct"]
+        gap_cls = "" if gap is None else (' class="bad"' if gap > 1.0 else ' class="good"')
+        flags = (
+            f"{row['events']} flag(s), first at step {html.escape(str(row['first_event_step']))}"
+            if row["events"]
+            else "none"
+        )
+        if row["diverged"]:
+            div = f'<td class="bad">diverged; {flags}</td>'
+        else:
+            div = f"<td{' class=bad' if row['events'] else ''}>{flags}</td>"
+
+        steps = row["steps"]
+        skipped = row["skipped_steps"]
+        body.append(
+            f"<tr><td>{html.escape(str(row['run']))}</td>"
+            f"<td>{html.escape(str(row['recipe']))}</td>"
+            f"<td>{'&ndash;' if steps is None else steps}</td>"
+            f"<td>{_fmt(row['val_loss'])}</td><td>{_fmt(row['val_ppl'], 3)}</td>"
+            f"<td{gap_cls}>{_fmt(gap, 3)}</td><td>{_fmt(row['ppl_gap_pct'], 3)}</td>"
+            f"<td>{_fmt(row['tokens_per_s'], 1)}</td>"
+            f"<td>{'&ndash;' if skipped is None else skipped}</td>{div}</tr>"
+        )
+    return f"<table>{head}{''.join(body)}</table>"
+
+
+def _events(runs: Sequence[RunData]) -> str:
+    items = []
+    for run in runs:
+        for ev in run.events:
+            layers = ev.get("layers") or []
+            names = ", ".join(
+                str(x.get("layer", x)) if isinstance(x, dict) else str(x) for x in layers[:5]
+            )
+            items.append(
+                f"<tr><td>{html.escape(run.name)}</td><td>{html.escape(str(ev.get('step')))}</td>"
+                f"<td>{html.escape(str(ev.get('kind')))}</td><td>{_fmt(ev.get('loss'))}</td>"
+                f"<td>{_fmt(ev.get('baseline'))}</td>"
+                f"<td style='text-align:left'>{html.escape(names) or '&ndash;'}</td></tr>"
+            )
+    if not items:
+        return "<p>No loss spike or NaN was flagged.</p>"
+    head = (
+        "<tr><th>run</th><th>step</th><th>kind</th><th>loss</th><th>baseline</th>"
+        "<th>layers whose numerics changed most</th></tr>"
+    )
+    return f"<table>{head}{''.join(items)}</table>"
+
+
+def _figure(plot: Plot, stem: str) -> str:
+    data = base64.b64encode(plot.png).decode("ascii")
+    title = html.escape(plot.title)
+    return (
+        f'<figure><img src="data:image/png;base64,{data}" alt="{title}">'
+        f"<figcaption>{title} (<code>{PLOTS_DIR}/{html.escape(stem)}.png</code>)"
+        "</figcaption></figure>"
+    )
+
+
+def _configs(runs: Sequence[RunData]) -> str:
+    parts = []
+    for run in runs:
+        text = run.config_text or "(no config.toml)"
+        parts.append(
+            f"<details><summary>{html.escape(run.name)}</summary>"
+            f"<pre>{html.escape(text)}</pre></details>"
+        )
+    return "".join(parts)
+
+
+def render_html(runs: Sequence[RunData], plots: Sequence[Plot], title: str) -> str:
+    """The report page as a string (no I/O)."""
+    figures = [_figure(p, _safe_stem(p.name)) for p in plots]
+    overview = [f for p, f in zip(plots, figures, strict=True) if p.name in ("loss", "gap")]
+    numerics = [f for p, f in zip(plots, figures, strict=True) if p.name not in ("loss", "gap")]
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    gap_note = (
+        "Gaps are relative to the bf16 run: (run &minus; bf16) / bf16; positive is worse. "
+        "Green: final validation loss within 1 % of bf16; red: further."
+        if baseline(runs)
+        else "No bf16 run here, so no gap is shown."
+    )
+    numerics_html = "".join(numerics) or (
+        "<p>No numerics telemetry in these runs (bf16 only, or telemetry off: set "
+        "<code>run.telemetry_every</code>).</p>"
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
+<title>{html.escape(title)}</title>
+<style>{_CSS}</style>
+</head>
+<body>
+<h1>{html.escape(title)}</h1>
+<p class="note">Generated {stamp} by <code>mxfp8 report</code> from {len(runs)} run
+director{"y" if len(runs) == 1 else "ies"}.</p>
+<h2>Summary</h2>
+{_table(runs)}
+<p class="note">{gap_note}</p>
+<h2>Loss</h2>
+{"".join(overview) or "<p>No metrics logged yet.</p>"}
+<h2>Divergence flags</h2>
+{_events(runs)}
+<h2>Numerics telemetry</h2>
+{numerics_html}
+<h2>Configs</h2>
+{_configs(runs)}
+<script>{_SCRIPT}</script>
+</body>
+</html>
+"""
+
+
+def write_report(directory: str | Path, out: str | Path | None = None) -> Path:
+    """Write ``report.html`` and ``plots/*.png`` for a run or comparison directory.
+
+    Returns the path of the HTML file (``DIR/report.html`` unless ``out`` is given). The
+    file is written to a temporary name then renamed, so a browser never sees half a page.
+    """
+    directory = Path(directory)
+    runs = load_runs(directory)
+    plots = all_plots(runs)
+    out_path = Path(out) if out is not None else directory / REPORT_NAME
+    plot_dir = out_path.parent / PLOTS_DIR
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    for plot in plots:
+        (plot_dir / f"{_safe_stem(plot.name)}.png").write_bytes(plot.png)
+    title = (
+        f"mxfp8 run: {runs[0].name}"
+        if len(runs) == 1
+        else f"mxfp8 comparison: {', '.join(r.name for r in runs)}"
+    )
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    tmp.write_text(render_html(runs, plots, title), encoding="utf-8")
+    os.replace(tmp, out_path)
+    return out_path

@@ -1,0 +1,322 @@
+"""Matplotlib figures of runs, rendered to PNG bytes.
+
+Figures are built on ``matplotlib.figure.Figure`` with the Agg canvas, never through
+``pyplot``: no global figure state, no GUI backend, safe to call from a training process.
+Every function returns ``None`` when the runs hold nothing to draw (a bf16 run has no
+numerics), so the report simply leaves that figure out.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from mxfp8.report.loader import RunData, baseline
+
+# The six quantized operands of a linear layer, in the order of the three GEMMs.
+OPERANDS: tuple[tuple[str, str], ...] = (
+    ("fprop", "input"),
+    ("fprop", "weight"),
+    ("dgrad", "grad_output"),
+    ("dgrad", "weight"),
+    ("wgrad", "grad_output"),
+    ("wgrad", "input"),
+)
+
+# numerics.jsonl field -> (title, colormap); SQNR is "higher is better", hence reversed.
+HEATMAP_METRICS: dict[str, tuple[str, str]] = {
+    "saturated_pct": ("saturated elements (%)", "magma"),
+    "underflow_pct": ("non-zero elements flushed to zero (%)", "magma"),
+    "sqnr_db": ("SQNR vs high precision (dB)", "viridis_r"),
+}
+
+DPI = 100
+SPECIAL_EXPONENTS = (-127, 128)  # E8M0 bits 0 (all-zero block) and 255 (NaN block)
+
+
+@dataclass(frozen=True)
+class Plot:
+    """One rendered figure: ``name`` is the PNG file stem under plots/."""
+
+    name: str
+    title: str
+    png: bytes
+
+
+def _render(fig: Figure) -> bytes:
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def smooth(values: Sequence[float], span: int) -> np.ndarray:
+    """Bias-corrected EMA with a time constant of ``span`` points.
+
+    NaN values stay NaN in the output and do not poison later points, so a single bad step
+    remains visible without hiding the rest of the curve.
+    """
+    out = np.full(len(values), np.nan)
+    if span <= 1:
+        return np.asarray(values, dtype=float)
+    alpha = 2.0 / (span + 1.0)
+    acc, weight = 0.0, 0.0
+    for i, v in enumerate(values):
+        if not math.isfinite(v):
+            continue
+        acc = (1 - alpha) * acc + alpha * v
+        weight = (1 - alpha) * weight + alpha
+        out[i] = acc / weight
+    return out
+
+
+def default_span(n: int) -> int:
+    """About 1/20 of the curve, at least 1: enough to read a trend, not to hide a spike."""
+    return max(1, n // 20)
+
+
+def loss_curves(runs: Sequence[RunData]) -> Plot | None:
+    """Train loss (raw, faint, and smoothed) and validation loss per run, side by side."""
+    if not any(r.series("loss")[0] for r in runs):
+        return None
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    ax_train, ax_val = fig.subplots(1, 2)
+    for i, run in enumerate(runs):
+        color = f"C{i % 10}"
+        steps, loss = run.series("loss")
+        if steps:
+            ax_train.plot(steps, loss, color=color, alpha=0.25, linewidth=0.8)
+            ax_train.plot(steps, smooth(loss, default_span(len(loss))), color=color, label=run.name)
+        vsteps, vloss = run.series("val_loss")
+        if vsteps:
+            ax_val.plot(vsteps, vloss, color=color, marker="o", markersize=3, label=run.name)
+    ax_train.set(title="training loss (faint: raw, solid: EMA)", xlabel="step", ylabel="loss")
+    ax_val.set(title="validation loss", xlabel="step", ylabel="loss")
+    for ax in (ax_train, ax_val):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    return Plot("loss", "Loss curves", _render(fig))
+
+
+def relative_gap(run: RunData, base: RunData, key: str = "loss") -> tuple[np.ndarray, np.ndarray]:
+    """(steps, gap %) of ``run`` to ``base`` on the steps both logged, each curve smoothed.
+
+    gap = (run - base) / base * 100, so a positive gap means a worse (higher) loss.
+    """
+    s_run, v_run = run.series(key)
+    s_base, v_base = base.series(key)
+    sm_run = dict(zip(s_run, smooth(v_run, default_span(len(v_run))), strict=True))
+    sm_base = dict(zip(s_base, smooth(v_base, default_span(len(v_base))), strict=True))
+    common = sorted(set(sm_run) & set(sm_base))
+    steps = np.array(common, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gap = np.array([(sm_run[s] - sm_base[s]) / sm_base[s] * 100 for s in common])
+    return steps, gap
+
+
+def gap_curves(runs: Sequence[RunData]) -> Plot | None:
+    """Relative gap of each run's smoothed train (and validation) loss to the bf16 run."""
+    base = baseline(runs)
+    others = [r for r in runs if r is not base]
+    if base is None or not others:
+        return None
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
+    drew = False
+    for i, run in enumerate(runs):
+        if run is base:
+            continue
+        color = f"C{i % 10}"
+        steps, gap = relative_gap(run, base, "loss")
+        if len(steps):
+            ax.plot(steps, gap, color=color, label=f"{run.name} (train, EMA)")
+            drew = True
+        vsteps, vgap = relative_gap(run, base, "val_loss")
+        if len(vsteps):
+            ax.plot(
+                vsteps,
+                vgap,
+                color=color,
+                linestyle="--",
+                marker="o",
+                markersize=3,
+                label=f"{run.name} (val)",
+            )
+            drew = True
+    if not drew:
+        return None
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set(title=f"loss gap to {base.name} (%; > 0 is worse)", xlabel="step", ylabel="gap (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return Plot("gap", "Relative gap to bf16", _render(fig))
+
+
+def _layers_and_steps(rows: Sequence[dict]) -> tuple[list[str], list[int]]:
+    layers: dict[str, None] = {}  # insertion-ordered set: model order as logged
+    steps: set[int] = set()
+    for row in rows:
+        layers.setdefault(str(row.get("layer")), None)
+        steps.add(int(row.get("step", 0)))
+    return list(layers), sorted(steps)
+
+
+def numerics_heatmap(run: RunData, metric: str) -> Plot | None:
+    """Layer x step heatmaps of one numerics metric, one panel per quantized operand."""
+    title, cmap = HEATMAP_METRICS[metric]
+    panels = []
+    for gemm, operand in OPERANDS:
+        rows = [
+            r
+            for r in run.numerics
+            if r.get("gemm") == gemm and r.get("operand") == operand and metric in r
+        ]
+        if rows:
+            panels.append((gemm, operand, rows))
+    if not panels:
+        return None
+    layers, _ = _layers_and_steps([r for _, _, rows in panels for r in rows])
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    height = max(2.5, 0.18 * len(layers) + 1.2)
+    fig = Figure(figsize=(5.2 * ncols, height * nrows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    for k, (ax, (gemm, operand, rows)) in enumerate(zip(axes, panels, strict=False)):
+        _, steps = _layers_and_steps(rows)
+        li = {name: i for i, name in enumerate(layers)}
+        si = {s: j for j, s in enumerate(steps)}
+        grid = np.full((len(layers), len(steps)), np.nan)  # (layer, telemetry step)
+        for r in rows:
+            v = r.get(metric)
+            grid[li[str(r.get("layer"))], si[int(r.get("step", 0))]] = (
+                float(v) if isinstance(v, int | float) else np.nan
+            )
+        image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap=cmap)
+        fig.colorbar(image, ax=ax, pad=0.01)
+        ax.set_title(f"{gemm} / {operand}", fontsize=9)
+        # layer names only on the left column: the panels share rows
+        labels = layers if k % ncols == 0 else [""] * len(layers)
+        ax.set_yticks(range(len(layers)), labels, fontsize=max(4, 8 - len(layers) // 20))
+        ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 6)).round().astype(int))
+        ax.set_xticks(ticks, [str(steps[t]) for t in ticks], fontsize=7)
+        ax.set_xlabel("step", fontsize=8)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    fig.suptitle(f"{run.name}: {title}")
+    return Plot(f"{run.name}_{metric}", f"{run.name}: {title}", _render(fig))
+
+
+def _exp_hist(rows: Sequence[dict]) -> dict[int, int]:
+    total: dict[int, int] = defaultdict(int)
+    for r in rows:
+        hist = r.get("scale_exp_hist")
+        if isinstance(hist, dict):
+            for exp, count in hist.items():
+                total[int(exp)] += int(count)
+    return total
+
+
+def scale_histograms(run: RunData) -> Plot | None:
+    """Block-scale exponents of each operand, summed over layers, at the first and last
+    telemetry step: a drift of the distribution shows how the tensors' ranges moved."""
+    panels = []
+    for gemm, operand in OPERANDS:
+        rows = [
+            r
+            for r in run.numerics
+            if r.get("gemm") == gemm and r.get("operand") == operand and r.get("scale_exp_hist")
+        ]
+        if rows:
+            panels.append((gemm, operand, rows))
+    if not panels:
+        return None
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = Figure(figsize=(5.2 * ncols, 3.2 * nrows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    for ax, (gemm, operand, rows) in zip(axes, panels, strict=False):
+        steps = sorted({int(r.get("step", 0)) for r in rows})
+        chosen = [steps[0]] if len(steps) == 1 else [steps[0], steps[-1]]
+        special = 0.0
+        for k, step in enumerate(chosen):
+            hist = _exp_hist([r for r in rows if int(r.get("step", 0)) == step])
+            total = sum(hist.values())
+            # E8M0 bits 0 (all-zero blocks) and 255 (NaN) are not scales of data: counted
+            # in the title, not drawn, so they do not stretch the axis across 255 binades
+            special = max(special, sum(hist.get(e, 0) for e in SPECIAL_EXPONENTS) / total * 100)
+            exps = sorted(e for e in hist if e not in SPECIAL_EXPONENTS)
+            counts = np.array([hist[e] for e in exps], dtype=float)
+            offset = 0.0 if len(chosen) == 1 else (0.2 if k else -0.2)
+            ax.bar(
+                np.array(exps) + offset,
+                counts / total * 100,
+                width=0.8 / len(chosen),
+                color=f"C{k}",
+                label=f"step {step}",
+            )
+        note = f" ({special:.2g} % zero/NaN blocks)" if special else ""
+        ax.set_title(f"{gemm} / {operand}{note}", fontsize=9)
+        ax.set_xlabel("scale exponent (E8M0, unbiased)", fontsize=8)
+        ax.set_ylabel("% of blocks", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    fig.suptitle(f"{run.name}: block scale exponents (all layers)")
+    return Plot(f"{run.name}_scale_exp", f"{run.name}: block scale exponents", _render(fig))
+
+
+def tensorwise_scales(run: RunData) -> Plot | None:
+    """log2 of the per-tensor scale over steps, one line per layer, per operand: for the
+    per-tensor recipes, which have one scale per tensor instead of block scales."""
+    panels = []
+    for gemm, operand in OPERANDS:
+        rows = [
+            r
+            for r in run.numerics
+            if r.get("gemm") == gemm
+            and r.get("operand") == operand
+            and isinstance(r.get("scale"), int | float)
+            and r["scale"] > 0
+        ]
+        if rows:
+            panels.append((gemm, operand, rows))
+    if not panels:
+        return None
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = Figure(figsize=(5.2 * ncols, 3.2 * nrows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    for ax, (gemm, operand, rows) in zip(axes, panels, strict=False):
+        by_layer: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        for r in rows:
+            by_layer[str(r.get("layer"))].append((int(r.get("step", 0)), math.log2(r["scale"])))
+        for pts in by_layer.values():
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], linewidth=0.8, alpha=0.7)
+        ax.set_title(f"{gemm} / {operand}", fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.set_ylabel("log2(scale)", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    fig.suptitle(f"{run.name}: per-tensor scales (one line per layer)")
+    return Plot(f"{run.name}_tensor_scale", f"{run.name}: per-tensor scales", _render(fig))
+
+
+def all_plots(runs: Sequence[RunData]) -> list[Plot]:
+    """Every figure the report shows, in reading order."""
+    plots = [loss_curves(runs), gap_curves(runs)]
+    for run in runs:
+        plots.extend(numerics_heatmap(run, m) for m in HEATMAP_METRICS)
+        plots.append(scale_histograms(run))
+        plots.append(tensorwise_scales(run))
+    return [p for p in plots if p is not None]

@@ -1,0 +1,285 @@
+"""Training data: prepare a corpus once into memory-mapped token files, then cut batches.
+
+``prepare_data`` reads the corpus (see :mod:`mxfp8.train.data_sources`), holds out a
+validation split, trains a byte-level BPE on the training text (or loads a given
+``tokenizer.json``), and writes ``train.bin`` / ``val.bin`` (raw uint16 or uint32 token ids),
+``tokenizer.json`` and ``meta.json`` into a cache folder named by a hash of the config and of
+the corpus bytes. The folder is built under a temporary name and renamed into place, so a
+folder that exists is complete, and a second call only hashes the corpus and maps the files.
+
+Batches are random windows drawn by a generator seeded from ``(seed, step, micro, split)``
+alone: the data position of any step is recomputed from the step number, so resuming a run
+needs no data state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from mxfp8.train.data_sources import content_hash, iter_documents, resolve_source
+from mxfp8.train.tokenizer import encode_texts, eot_id, load_tokenizer, train_tokenizer
+
+FORMAT_VERSION = 1
+"""Bumped whenever the prepared layout or the split rule changes (old caches are ignored)."""
+
+MIN_TAIL_CHARS = 100
+"""A document gives its tail to validation when that tail is at least this long (about one
+line); shorter documents go to one split whole."""
+
+SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What to train on and how it is tokenized."""
+
+    source: str = "shakespeare"
+    """Built-in corpus (`shakespeare`, `kjv`) or a path to a .txt file, a directory of .txt
+    files, a .jsonl or a .parquet file; several inputs separated by commas."""
+    text_field: str = "text"
+    """Field of each .jsonl line / column of the .parquet file that holds the text."""
+    tokenizer: str = ""
+    """Path to a local tokenizer.json; empty = train a byte-level BPE on the training split."""
+    vocab_size: int = 4096
+    """Vocabulary size of the BPE trained here (ignored when `tokenizer` is given)."""
+    val_fraction: float = 0.05
+    """Share of the text held out for validation (the tail of each long document)."""
+    cache_dir: str = ""
+    """Where prepared data is kept; empty = $MXFP8_CACHE, else ~/.cache/mxfp8."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str) or not self.source.strip():
+            raise ValueError("DataConfig.source must be a non-empty string")
+        if not self.text_field:
+            raise ValueError("DataConfig.text_field must be non-empty")
+        if isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int):
+            raise TypeError(f"DataConfig.vocab_size must be an int, got {self.vocab_size!r}")
+        if not 258 <= self.vocab_size <= 2**32:
+            raise ValueError(
+                f"DataConfig.vocab_size must be in [258, 2**32] (256 bytes + EOT at least), "
+                f"got {self.vocab_size}"
+            )
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"DataConfig.val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedData:
+    """A prepared corpus: token arrays mapped from disk, and the tokenizer that made them."""
+
+    train: np.memmap
+    """Training tokens, 1-D (documents separated by the EOT token)."""
+    val: np.memmap
+    """Validation tokens, 1-D, never seen by the tokenizer trainer nor in `train`."""
+    tokenizer: Tokenizer
+    vocab_size: int
+    """Number of ids of the tokenizer (the model's vocab must be at least this)."""
+    path: Path
+    """The cache folder holding train.bin, val.bin, tokenizer.json and meta.json."""
+    meta: dict = field(default_factory=dict)
+    """The content of meta.json (counts, dtype, config, corpus hash, timings)."""
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    """The cache folder, resolved now (not at import): cfg, then $MXFP8_CACHE, then ~/.cache."""
+    root = cfg.cache_dir or os.environ.get("MXFP8_CACHE") or "~/.cache/mxfp8"
+    return Path(root).expanduser()
+
+
+def split_document(text: str, val_fraction: float, val_chars: int, seen_chars: int):
+    """(train_text, val_text) of one document, deterministic given the documents before it.
+
+    A long document (``val_fraction * len >= MIN_TAIL_CHARS``) gives its last ``val_fraction``
+    of characters to validation, cut at the next line break so that validation starts on a
+    whole line. A short one goes to validation
+    whole when that keeps the held-out characters so far within ``val_fraction`` of all the
+    characters so far (``val_chars`` and ``seen_chars`` count the documents before this one).
+    """
+    if len(text) * val_fraction >= MIN_TAIL_CHARS:
+        cut = int(len(text) * (1.0 - val_fraction))
+        newline = text.find("\n", cut)
+        cut = newline + 1 if 0 <= newline < len(text) - 1 else cut
+        return text[:cut], text[cut:]
+    if val_chars + len(text) <= val_fraction * (seen_chars + len(text)):
+        return "", text
+    return text, ""
+
+
+def _split_corpus(cfg: DataConfig, sources) -> Iterator[tuple[str, str]]:
+    val_chars = seen_chars = 0
+    for doc in iter_documents(sources, cfg.text_field):
+        train, val = split_document(doc, cfg.val_fraction, val_chars, seen_chars)
+        val_chars += len(val)
+        seen_chars += len(doc)
+        yield train, val
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _cache_key(cfg: DataConfig, corpus_sha: str) -> str:
+    keyed = {k: v for k, v in asdict(cfg).items() if k != "cache_dir"}
+    if cfg.tokenizer:  # the tokenizer's content matters, not where it lies
+        keyed["tokenizer"] = _file_sha256(Path(cfg.tokenizer).expanduser())
+        keyed.pop("vocab_size")
+    blob = json.dumps({"format": FORMAT_VERSION, "config": keyed, "corpus": corpus_sha})
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def prepare_data(cfg: DataConfig) -> PreparedData:
+    """Tokenize the corpus of ``cfg`` into the cache (once) and map it."""
+    sources = resolve_source(cfg.source)
+    if cfg.tokenizer and not Path(cfg.tokenizer).expanduser().is_file():
+        raise FileNotFoundError(f"DataConfig.tokenizer: no file at {cfg.tokenizer}")
+    key = _cache_key(cfg, content_hash(sources))
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", sources[0].name)[:40] or "data"
+    final = cache_root(cfg) / "data" / f"{slug}-{key}"
+    if not (final / "meta.json").is_file():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            _build(cfg, sources, tmp)
+            try:
+                os.rename(tmp, final)
+            except OSError:  # another process finished first: keep its (identical) result
+                if not (final / "meta.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return load_prepared(final)
+
+
+def token_dtype(vocab_size: int) -> type[np.unsignedinteger]:
+    """The narrowest file dtype that holds every id: uint16 up to 65536 ids, else uint32."""
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+def _build(cfg: DataConfig, sources, out: Path) -> None:
+    t0 = time.perf_counter()
+    if cfg.tokenizer:
+        tok = load_tokenizer(Path(cfg.tokenizer).expanduser())
+    else:  # the tokenizer never sees the validation text
+        train_texts = (t for t, _ in _split_corpus(cfg, sources) if t)
+        tok = train_tokenizer(train_texts, cfg.vocab_size)
+    t_tok = time.perf_counter() - t0
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    dtype = token_dtype(vocab)
+    eot = eot_id(tok)
+    sep = np.array([] if eot is None else [eot], dtype=dtype)
+
+    counts = {"train": 0, "val": 0}
+    n_docs = 0
+    with open(out / "train.bin", "wb") as ftrain, open(out / "val.bin", "wb") as fval:
+        files = {"train": ftrain, "val": fval}
+        # encode train and val parts of every document in one stream: (train0, val0, train1, ...)
+        parts = (p for pair in _split_corpus(cfg, sources) for p in pair)
+        for i, ids in enumerate(encode_texts(tok, parts)):
+            n_docs += i % 2 == 0
+            if len(ids) == 0:
+                continue
+            split = SPLITS[i % 2]
+            chunk = np.concatenate([ids.astype(dtype), sep])
+            chunk.tofile(files[split])
+            counts[split] += len(chunk)
+    for split, n in counts.items():
+        if n < 2:
+            raise ValueError(
+                f"the {split} split of {cfg.source!r} is empty: the corpus is too small "
+                f"for val_fraction={cfg.val_fraction}"
+            )
+    tok.save(str(out / "tokenizer.json"))
+    meta = {
+        "format": FORMAT_VERSION,
+        "dtype": np.dtype(dtype).name,
+        "vocab_size": vocab,
+        "eot_id": eot,
+        "train_tokens": counts["train"],
+        "val_tokens": counts["val"],
+        "documents": n_docs,
+        "config": {k: v for k, v in asdict(cfg).items() if k != "cache_dir"},
+        "tokenizer_seconds": round(t_tok, 3),
+        "prepare_seconds": round(time.perf_counter() - t0, 3),
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_prepared(path: str | Path) -> PreparedData:
+    """Map a folder written by :func:`prepare_data`."""
+    path = Path(path)
+    meta = json.loads((path / "meta.json").read_text())
+    if meta.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path} has data format {meta.get('format')}, need {FORMAT_VERSION}")
+    dtype = np.dtype(meta["dtype"])
+    train, val = (np.memmap(path / f"{s}.bin", dtype=dtype, mode="r") for s in SPLITS)
+    tok = load_tokenizer(path / "tokenizer.json")
+    return PreparedData(train, val, tok, int(meta["vocab_size"]), path, meta)
+
+
+def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int):
+    # [B] starts -> [B, seq_len + 1] windows; y is x shifted left by one token
+    w = torch.from_numpy(tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64))
+    return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+
+def _split_tokens(data: PreparedData, split: str, seq_len: int) -> np.ndarray:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    tokens = data.train if split == "train" else data.val
+    if len(tokens) < seq_len + 1:
+        raise ValueError(
+            f"the {split} split has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}"
+        )
+    return tokens
+
+
+def get_batch(
+    data: PreparedData,
+    split: str,
+    *,
+    seed: int,
+    step: int,
+    micro: int,
+    batch_size: int,
+    seq_len: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y), LongTensors [batch_size, seq_len], random windows with y[:, t] = x[:, t + 1].
+
+    A pure function of (seed, step, micro, split): micro-batch ``micro`` of step ``step``
+    is the same whatever ran before, which is what makes resume exact.
+    """
+    for name, v in (("seed", seed), ("step", step), ("micro", micro)):
+        if not isinstance(v, int | np.integer) or v < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+    if batch_size < 1 or seq_len < 1:
+        raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
+    tokens = _split_tokens(data, split, seq_len)
+    rng = np.random.default_rng([int(seed), int(step), int(micro), SPLITS.index(split)])
+    starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)
+    return _windows(tokens, starts, seq_len)
+
+
+def eval_batches(
+    data: PreparedData, *, batch_size: int, seq_len: int, n_batches: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A fixed set of ``n_batches`` validation batches: windows spread evenly over val."""
+    if batch_size < 1 or seq_len < 1 or n_batches < 1:
+        raise ValueError("batch_size, seq_len and n_batches must be >= 1")
+    tokens = _split_tokens(data, "val", seq_len)
+    starts = np.linspace(0, len(tokens) - seq_len - 1, batch_size * n_batches).round()
+    starts = starts.astype(np.int64).reshape(n_batches, batch_size)
+    return [_windows(tokens, s, seq_len) for s in starts]

@@ -1,0 +1,68 @@
+"""Extension points of the training loop: hooks, what they see, and what a run returns.
+
+Other floors attach here without editing the loop: numerics telemetry attaches observers on
+telemetry steps, a divergence detector looks at every loss. A module of the stats floor that
+defines ``make_hook(cfg, run_dir) -> TrainHook | None`` is picked up automatically
+(``mxfp8.stats.divergence`` always, ``mxfp8.stats.telemetry`` when ``run.telemetry_every``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mxfp8.train.config import TrainConfig
+
+
+class TrainHook:
+    """Extension point: subclass and override what you need; pass instances to :func:`train`.
+
+    Steps are 1-based (step ``s`` is the s-th optimizer step). ``on_step_end`` receives the
+    step's metrics (``val_loss``/``val_ppl`` included at eval steps) before they are logged,
+    and may add keys to it. Set ``ctx.stop = True`` to end the run after the current step
+    (a checkpoint is written). :meth:`summary` adds keys to ``summary.json`` (e.g.
+    ``diverged``).
+    """
+
+    def on_train_start(self, ctx: TrainContext) -> None: ...
+
+    def on_step_start(self, step: int) -> None: ...
+
+    def on_step_end(self, step: int, metrics: dict[str, Any]) -> None: ...
+
+    def on_train_end(self, result: RunResult) -> None: ...
+
+    def summary(self) -> dict[str, Any]:
+        return {}
+
+
+@dataclass
+class TrainContext:
+    """What hooks can see: the config, the (converted, uncompiled) model, the run directory."""
+
+    cfg: TrainConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    recipe: Any
+    run_dir: Path
+    device: torch.device
+    start_step: int
+    stop: bool = False
+
+
+@dataclass
+class RunResult:
+    """What :func:`train` returns. ``completed`` is False after ``stop_after``."""
+
+    run_dir: Path
+    step: int
+    completed: bool
+    final_val_loss: float | None
+    final_val_ppl: float | None
+    tokens_per_s: float
+    skipped_steps: int
+    summary: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,312 @@
+"""A Llama-style decoder-only transformer, written to be read top to bottom.
+
+RMSNorm, rotary position embeddings (RoPE), a SwiGLU MLP and grouped-query attention through
+``torch.nn.functional.scaled_dot_product_attention``. Every linear layer of a block is a plain
+``nn.Linear`` attribute with a stable name (``layers.{i}.attention.wq``,
+``layers.{i}.feed_forward.w1``, ...), because recipes swap them for ``MXLinear`` by name; the
+attention BMMs themselves stay in high precision, inside SDPA.
+
+Weights on the ``meta`` device are supported: build the model under ``torch.device("meta")``
+to count parameters of a large preset without allocating it, or call ``to_empty(device=...)``
+then ``init_weights()`` to materialize it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and initialization of a :class:`Transformer`."""
+
+    vocab_size: int = 4096
+    """Number of token ids (rows of the embedding table, columns of the LM head)."""
+    d_model: int = 384
+    """Width of the residual stream."""
+    n_layers: int = 6
+    """Number of transformer blocks."""
+    n_heads: int = 6
+    """Number of query heads; the head dimension is ``d_model // n_heads``."""
+    n_kv_heads: int = 2
+    """Number of key/value heads (grouped-query attention); must divide ``n_heads``."""
+    ffn_hidden: int = 1024
+    """Hidden width of the SwiGLU MLP (the out-dim of w1 and w3, the in-dim of w2)."""
+    max_seq_len: int = 256
+    """Longest sequence the model accepts (the RoPE table is built for it)."""
+    rope_theta: float = 10000.0
+    """RoPE base: frequency i of a head is ``rope_theta ** (-2i / head_dim)``."""
+    norm_eps: float = 1e-5
+    """Epsilon added to the mean square inside RMSNorm."""
+    tie_embeddings: bool = True
+    """Share one matrix between the token embedding and the LM head."""
+    init_std: float = 0.02
+    """Std of the normal init of every weight matrix; the residual projections (wo, w2) use
+    ``init_std / sqrt(2 * n_layers)`` so the residual stream does not grow with depth."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise TypeError(f"ModelConfig.{f.name} must be an int, got {value!r}")
+        positive = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden")
+        for name in (*positive, "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"ModelConfig.d_model ({self.d_model}) must be divisible by "
+                f"n_heads ({self.n_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head dimension {self.head_dim} must be even for RoPE")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"ModelConfig.n_heads ({self.n_heads}) must be a multiple of "
+                f"n_kv_heads ({self.n_kv_heads})"
+            )
+        if not self.rope_theta > 0:
+            raise ValueError(f"ModelConfig.rope_theta must be > 0, got {self.rope_theta}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"ModelConfig.norm_eps must be > 0, got {self.norm_eps}")
+        if not self.init_std > 0:
+            raise ValueError(f"ModelConfig.init_std must be > 0, got {self.init_std}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise TypeError(f"ModelConfig.tie_embeddings must be a bool, got {self.tie_embeddings}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+# Every in/out dimension of a block linear is a multiple of 32 (one MX block) in these presets.
+# 125m/350m: GPT-3 small/medium widths with Llama blocks and a 32000-token vocab;
+# 1b: the Llama-3.2-1B shape; 8b: the Llama-3-8B shape (the paper's largest).
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(),
+    "125m": ModelConfig(
+        vocab_size=32000,
+        d_model=768,
+        n_layers=12,
+        n_heads=12,
+        n_kv_heads=4,
+        ffn_hidden=2048,
+        max_seq_len=1024,
+        tie_embeddings=False,
+    ),
+    "350m": ModelConfig(
+        vocab_size=32000,
+        d_model=1024,
+        n_layers=24,
+        n_heads=16,
+        n_kv_heads=8,
+        ffn_hidden=2816,
+        max_seq_len=2048,
+        tie_embeddings=False,
+    ),
+    "1b": ModelConfig(
+        vocab_size=128256,
+        d_model=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        ffn_hidden=8192,
+        max_seq_len=2048,
+        rope_theta=500000.0,
+        tie_embeddings=True,
+    ),
+    "8b": ModelConfig(
+        vocab_size=128256,
+        d_model=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        ffn_hidden=14336,
+        max_seq_len=8192,
+        rope_theta=500000.0,
+        tie_embeddings=False,
+    ),
+}
+
+
+def model_config(name: str, **overrides) -> ModelConfig:
+    """The preset ``name`` with some fields replaced (validated again)."""
+    if name not in MODEL_PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown ModelConfig field(s) {unknown}; fields are {sorted(known)}")
+    return replace(MODEL_PRESETS[name], **overrides)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 so that bf16 inputs do not lose the mean square."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every (position, frequency) pair, each [max_seq_len, head_dim // 2]."""
+    half = cfg.head_dim // 2
+    inv_freq = cfg.rope_theta ** (-torch.arange(half, device=device, dtype=torch.float64) / half)
+    angles = torch.outer(
+        torch.arange(cfg.max_seq_len, device=device, dtype=torch.float64), inv_freq
+    )
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (x[i], x[i + head_dim/2]) pair by its position's angle (rotate-half form).
+
+    x: [B, H, T, head_dim]; cos, sin: [T, head_dim // 2].
+    """
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.type_as(x)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention: n_heads query heads share n_kv_heads K/V heads."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        kv_dim = cfg.n_kv_heads * cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.wk = nn.Linear(cfg.d_model, kv_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, kv_dim, bias=False)
+        self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        # [B, T, heads * head_dim] -> [B, heads, T, head_dim]
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
+        )
+        y = y.transpose(1, 2).reshape(B, T, C)  # [B, heads, T, head_dim] -> [B, T, C]
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
+        self.w3 = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    """Token ids [B, T] -> logits [B, T, vocab_size] (and the mean next-token loss)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # RoPE tables are derived, not learned: kept out of the state dict (non-persistent).
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialize every parameter and the RoPE tables; deterministic under a seed.
+
+        Parameters are visited in module order, so ``torch.manual_seed(s)`` then
+        ``Transformer(cfg)`` always gives the same weights.
+        """
+        cfg = self.cfg
+        if cfg.tie_embeddings:  # again: to_empty() gives each module its own new tensor
+            self.output.weight = self.tok_embeddings.weight
+        device = self.tok_embeddings.weight.device
+        self.rope_cos, self.rope_sin = rope_tables(cfg, device=device)
+        residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        nn.init.normal_(self.tok_embeddings.weight, std=cfg.init_std)
+        for block in self.layers:
+            for name, linear in (
+                *block.attention.named_children(),
+                *block.feed_forward.named_children(),
+            ):
+                std = residual_std if name in ("wo", "w2") else cfg.init_std
+                nn.init.normal_(linear.weight, std=std)
+            nn.init.ones_(block.attention_norm.weight)
+            nn.init.ones_(block.ffn_norm.weight)
+        nn.init.ones_(self.norm.weight)
+        if not cfg.tie_embeddings:
+            nn.init.normal_(self.output.weight, std=cfg.init_std)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx, targets: LongTensor [B, T]. Returns (logits [B, T, vocab], loss or None).
+
+        The loss is the mean cross-entropy over all positions, computed in fp32 whatever the
+        autocast dtype of the logits.
+        """
+        B, T = idx.shape
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.tok_embeddings(idx)
+        for block in self.layers:
+            x = block(x, cos, sin)
+        logits = self.output(self.norm(x))
+        loss = None
+        if targets is not None:
+            # [B, T, V] -> [B*T, V]: one next-token prediction per row
+            loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T))
+        return logits, loss
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Number of distinct parameters (a tied matrix counts once).
+
+        With ``exclude_embeddings``, the vocabulary-sized matrices (the embedding table and an
+        untied LM head) are left out, which is the count that scaling laws use.
+        """
+        params = {id(p): p for p in self.parameters()}  # dedupe the tied matrix
+        total = sum(p.numel() for p in params.values())
+        if exclude_embeddings:
+            total -= self.tok_embeddings.weight.numel()
+            if not self.cfg.tie_embeddings:
+                total -= self.output.weight.numel()
+        return total

@@ -1,0 +1,274 @@
+"""Optimizer pieces of the training loop: AdamW groups, the lr schedule, loss scaling, clipping.
+
+Each piece is small, has its own ``state_dict``/``load_state_dict`` where it has state, and is
+tested on its own; :mod:`mxfp8.train.loop` only wires them together.
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+import math
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from mxfp8.train.config import LossScaleConfig, OptimConfig, ScheduleConfig
+
+
+class ScheduleKind(enum.StrEnum):
+    """Learning-rate schedule, as a multiplier m(s) of the peak lr at step s (0-based).
+
+    - ``warmup-cosine``: m = (s+1)/W during warmup, then
+      r + (1-r) * (1 + cos(pi * p)) / 2 with p the fraction of the post-warmup steps done
+      and r = ``min_lr_ratio``.
+    - ``constant``: linear warmup, then m = 1.
+    - ``wsd`` (warmup-stable-decay): warmup, m = 1, then a linear decay to r over the last
+      ``decay_fraction`` of the run.
+    """
+
+    WARMUP_COSINE = "warmup-cosine"
+    CONSTANT = "constant"
+    WSD = "wsd"
+
+
+class LossScaleMode(enum.StrEnum):
+    """Dynamic loss scaling: ``auto`` (on when the recipe needs it), ``on`` or ``off``."""
+
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
+# --- AdamW ---------------------------------------------------------------------------------
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Two AdamW groups: matrices decay, vectors (norm gains, biases) do not.
+
+    Norms and biases set a scale or an offset, and pulling them to zero fights what they are
+    for. Embeddings are matrices and decay with the rest unless ``decay_embeddings`` is off
+    (with tied embeddings the same tensor is also the LM head). Shared parameters are listed
+    once.
+    """
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay, seen = [], [], set()
+    for _, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        is_embedding = id(p) in embeddings
+        if p.ndim < 2 or (is_embedding and not cfg.decay_embeddings):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+class AdamWBF16States(torch.optim.Optimizer):
+    """AdamW whose two moments are stored in bf16 (halving optimizer memory).
+
+    The update is computed in fp32 from the bf16 moments and applied to the fp32 master
+    weights; only the stored moments are rounded. ``torch.optim.AdamW`` requires moments of the
+    parameter's dtype, hence this small class.
+    """
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                state["step"] += 1
+                t = state["step"].item()
+                g = p.grad.float()
+                m = state["exp_avg"].float().lerp_(g, 1 - beta1)
+                v = state["exp_avg_sq"].float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                state["exp_avg"].copy_(m)
+                state["exp_avg_sq"].copy_(v)
+                p.mul_(1 - lr * wd)
+                bias1, bias2 = 1 - beta1**t, 1 - beta2**t
+                denom = (v / bias2).sqrt_().add_(eps)
+                p.addcdiv_(m, denom, value=-lr / bias1)
+        return loss
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW over fp32 master weights (moments in fp32, or bf16 with ``bf16_states``)."""
+    groups = param_groups(model, cfg)
+    if cfg.bf16_states:
+        return AdamWBF16States(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+# --- schedule ------------------------------------------------------------------------------
+
+
+def lr_multiplier(step: int, total: int, cfg: ScheduleConfig) -> float:
+    """Multiplier of the peak lr for 0-based optimizer step ``step`` of a ``total``-step run.
+
+    A pure function of the step, so resuming needs no scheduler state beyond the step.
+    """
+    warmup = min(cfg.warmup_steps, total)
+    if step < warmup:
+        return (step + 1) / warmup
+    floor = cfg.min_lr_ratio
+    if cfg.kind is ScheduleKind.CONSTANT:
+        return 1.0
+    if cfg.kind is ScheduleKind.WSD:
+        decay_steps = max(1, round(cfg.decay_fraction * total)) if cfg.decay_fraction else 0
+        decay_start = max(warmup, total - decay_steps)
+        if step < decay_start or decay_steps == 0:
+            return 1.0
+        frac = min(1.0, (step - decay_start + 1) / max(1, total - decay_start))
+        return 1.0 - (1.0 - floor) * frac
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup + 1) / span)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class Schedule:
+    """Sets the lr of every param group from :func:`lr_multiplier` before each step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total: int):
+        self.optimizer, self.cfg, self.total = optimizer, cfg, total
+        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
+        self.step_index = 0
+
+    def set_step(self, step: int) -> float:
+        """Apply the lr of 0-based step ``step``; returns it (of the first group)."""
+        self.step_index = step
+        m = lr_multiplier(step, self.total, self.cfg)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * m
+        return self.base_lrs[0] * m
+
+    def state_dict(self) -> dict:
+        return {"step_index": self.step_index, "base_lrs": list(self.base_lrs), "total": self.total}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_index = int(state["step_index"])
+        self.base_lrs = [float(x) for x in state["base_lrs"]]
+        self.total = int(state["total"])
+
+
+# --- dynamic loss scaling ------------------------------------------------------------------
+
+
+class LossScaler:
+    """Dynamic loss scaling: the loss is multiplied by ``scale`` before backward.
+
+    A step whose unscaled gradients hold an Inf or NaN is skipped and the scale is multiplied
+    by ``backoff_factor``; after ``growth_interval`` clean steps in a row it is multiplied by
+    ``growth_factor``. Scales stay powers of two with the default factors, so scaling and
+    unscaling are exact. A disabled scaler keeps scale 1 but still reports non-finite steps,
+    which the loop skips (a NaN update would destroy the master weights).
+    """
+
+    def __init__(self, cfg: LossScaleConfig, enabled: bool):
+        self.cfg, self.enabled = cfg, enabled
+        self.scale = float(cfg.init_scale) if enabled else 1.0
+        self.good_steps = 0
+        self.skipped_steps = 0
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.scale if self.scale != 1.0 else loss
+
+    def unscale_(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """Divide gradients by the scale, in place (skipped when the scale is 1)."""
+        if self.scale == 1.0:
+            return
+        inv = 1.0 / self.scale
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(inv)
+
+    def update(self, found_inf: bool) -> None:
+        """Record one optimizer step: back off on Inf/NaN, grow after a clean streak."""
+        if found_inf:
+            self.skipped_steps += 1
+            self.good_steps = 0
+            if self.enabled:
+                self.scale = max(self.cfg.min_scale, self.scale * self.cfg.backoff_factor)
+            return
+        self.good_steps += 1
+        if self.enabled and self.good_steps >= self.cfg.growth_interval:
+            self.scale *= self.cfg.growth_factor
+            self.good_steps = 0
+
+    def state_dict(self) -> dict:
+        return {
+            "enabled": self.enabled,
+            "scale": self.scale,
+            "good_steps": self.good_steps,
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.enabled = bool(state["enabled"])
+        self.scale = float(state["scale"])
+        self.good_steps = int(state["good_steps"])
+        self.skipped_steps = int(state["skipped_steps"])
+
+
+# --- clipping ------------------------------------------------------------------------------
+
+
+def _norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
+    )
+
+
+def clip_gradients(
+    named_params: Iterable[tuple[str, torch.nn.Parameter]],
+    max_norm: float,
+    module_thresholds: Iterable[tuple[str, float]] = (),
+) -> tuple[float, bool]:
+    """Clip per-module thresholds first, then the global norm; returns (norm, found_inf).
+
+    ``norm`` is the global L2 norm of all gradients before any clipping (what is logged).
+    ``module_thresholds`` are (fnmatch pattern on the parameter name, max norm); all
+    parameters matching one pattern are clipped together as one group. Nothing is modified
+    when a gradient is not finite: the step will be skipped.
+    """
+    named = [(n, p) for n, p in named_params if p.grad is not None]
+    module_thresholds = tuple(module_thresholds)
+    total = _norm([p.grad for _, p in named])
+    total_f = float(total)
+    if not math.isfinite(total_f):
+        return total_f, True
+    for pattern, threshold in module_thresholds:
+        grads = [p.grad for n, p in named if fnmatch.fnmatchcase(n, pattern)]
+        group_norm = float(_norm(grads))
+        if group_norm > threshold:
+            coef = threshold / (group_norm + 1e-6)
+            for g in grads:
+                g.mul_(coef)
+    if max_norm > 0:
+        # recompute after per-module clipping (it may have lowered the norm)
+        norm_now = float(_norm([p.grad for _, p in named])) if module_thresholds else total_f
+        if norm_now > max_norm:
+            coef = max_norm / (norm_now + 1e-6)
+            for _, p in named:
+                p.grad.mul_(coef)
+    return total_f, False

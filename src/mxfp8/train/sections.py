@@ -1,0 +1,156 @@
+"""The plain sections of the run config: optimizer, schedule, loss scaling, run.
+
+Each field carries its help text (``opt(default, help)``); ``mxfp8 train --help`` and the
+TOML files are generated from these classes. They are re-exported by
+:mod:`mxfp8.train.config`, which composes them into ``TrainConfig``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from mxfp8.train.fields import ConfigError, opt
+from mxfp8.train.optim import LossScaleMode, ScheduleKind
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with fp32 master weights, and gradient clipping."""
+
+    lr: float = opt(3e-3, "peak learning rate")
+    betas: tuple[float, float] = opt((0.9, 0.95), "AdamW (beta1, beta2)")
+    eps: float = opt(1e-8, "AdamW epsilon")
+    weight_decay: float = opt(0.1, "decoupled weight decay (not applied to norms and biases)")
+    decay_embeddings: bool = opt(
+        True,
+        "apply weight decay to the embedding table too (it is a matrix like the others, and "
+        "with tied embeddings it is also the LM head)",
+    )
+    grad_clip: float = opt(1.0, "max global gradient norm; 0 disables global clipping")
+    clip_modules: tuple[str, ...] = opt(
+        (),
+        "per-module clipping, entries 'FQN_PATTERN=MAX_NORM' (fnmatch on parameter names, "
+        "applied before the global clip), e.g. 'layers.*.attention.*=0.5'",
+    )
+    bf16_states: bool = opt(False, "keep AdamW moments in bf16 (math in fp32) to save memory")
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr must be > 0", self.lr)
+        _check(all(0 <= b < 1 for b in self.betas), "optim.betas must be in [0, 1)", self.betas)
+        _check(self.eps > 0, "optim.eps must be > 0", self.eps)
+        _check(self.weight_decay >= 0, "optim.weight_decay must be >= 0", self.weight_decay)
+        _check(self.grad_clip >= 0, "optim.grad_clip must be >= 0", self.grad_clip)
+        self.module_thresholds()  # validates the entries
+
+    def module_thresholds(self) -> tuple[tuple[str, float], ...]:
+        """``clip_modules`` parsed into (pattern, max_norm) pairs."""
+        out = []
+        for entry in self.clip_modules:
+            pattern, sep, value = entry.rpartition("=")
+            try:
+                norm = float(value)
+            except ValueError:
+                norm = -1.0
+            if not sep or not pattern or not norm > 0:
+                raise ConfigError(
+                    f"optim.clip_modules entry {entry!r} must look like 'PATTERN=MAX_NORM' "
+                    "with MAX_NORM > 0"
+                )
+            out.append((pattern, norm))
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Learning-rate schedule over the planned ``run.steps``."""
+
+    kind: ScheduleKind = opt(ScheduleKind.WARMUP_COSINE, "warmup-cosine, constant or wsd")
+    warmup_steps: int = opt(4, "linear warmup steps (clamped to the run length)")
+    min_lr_ratio: float = opt(0.1, "floor of the decay, as a fraction of the peak lr")
+    decay_fraction: float = opt(0.2, "wsd only: fraction of the run spent decaying")
+
+    def __post_init__(self) -> None:
+        _check(self.warmup_steps >= 0, "schedule.warmup_steps must be >= 0", self.warmup_steps)
+        _check(0 <= self.min_lr_ratio <= 1, "schedule.min_lr_ratio must be in [0, 1]",
+               self.min_lr_ratio)  # fmt: skip
+        _check(0 <= self.decay_fraction <= 1, "schedule.decay_fraction must be in [0, 1]",
+               self.decay_fraction)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LossScaleConfig:
+    """Dynamic loss scaling (needed by per-tensor FP8 recipes; available to all)."""
+
+    enabled: LossScaleMode = opt(LossScaleMode.AUTO, "auto (when the recipe needs it), on, off")
+    init_scale: float = opt(2.0**16, "initial loss scale")
+    growth_interval: int = opt(1000, "multiply the scale by growth_factor after N clean steps")
+    growth_factor: float = opt(2.0, "growth factor (a power of two keeps scaling exact)")
+    backoff_factor: float = opt(0.5, "factor applied on a step with Inf/NaN gradients")
+    min_scale: float = opt(2.0**-16, "the scale never backs off below this")
+
+    def __post_init__(self) -> None:
+        _check(self.init_scale > 0, "loss_scale.init_scale must be > 0", self.init_scale)
+        _check(self.growth_interval >= 1, "loss_scale.growth_interval must be >= 1",
+               self.growth_interval)  # fmt: skip
+        _check(self.growth_factor >= 1, "loss_scale.growth_factor must be >= 1",
+               self.growth_factor)  # fmt: skip
+        _check(0 < self.backoff_factor < 1, "loss_scale.backoff_factor must be in (0, 1)",
+               self.backoff_factor)  # fmt: skip
+        _check(self.min_scale > 0, "loss_scale.min_scale must be > 0", self.min_scale)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Length, batch shape, logging, evaluation and checkpoint cadence of a run."""
+
+    steps: int = opt(32, "planned number of optimizer steps; the schedule spans them")
+    batch_size: int = opt(8, "sequences per micro-batch")
+    seq_len: int = opt(64, "tokens per sequence")
+    grad_accum: int = opt(1, "micro-batches per optimizer step (ignored if tokens_per_step)")
+    tokens_per_step: int = opt(
+        0, "tokens per optimizer step; if > 0, grad_accum = tokens_per_step / (batch * seq_len)"
+    )
+    seed: int = opt(0, "seed of the model init and the data order")
+    out: str = opt("", "run directory; empty = runs/<recipe>-<timestamp>")
+    resume: bool = opt(False, "continue from the latest checkpoint in `out`")
+    stop_after: int = opt(0, "end this process after K steps, with a checkpoint (0 = never)")
+    log_every: int = opt(5, "write metrics every N steps")
+    eval_every: int = opt(16, "validate every N steps and at the end (0 = only at the end)")
+    eval_batches: int = opt(4, "validation batches per evaluation")
+    ckpt_every: int = opt(0, "checkpoint every N steps (0 = only at the end / at stop_after)")
+    keep_last: int = opt(2, "checkpoints kept on disk (older ones are deleted)")
+    compile: bool = opt(False, "torch.compile the whole model")
+    compile_quantize: bool = opt(
+        True, "torch.compile only the MX quantizers (fast on CPU; the first step compiles)"
+    )
+    device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    telemetry_every: int = opt(0, "numerics telemetry every N steps (0 = off)")
+    progress: bool = opt(True, "show a progress bar on the terminal")
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every",
+                     "eval_batches", "keep_last"):  # fmt: skip
+            _check(getattr(self, name) >= 1, f"run.{name} must be >= 1", getattr(self, name))
+        for name in ("tokens_per_step", "stop_after", "eval_every", "ckpt_every",
+                     "telemetry_every"):  # fmt: skip
+            _check(getattr(self, name) >= 0, f"run.{name} must be >= 0", getattr(self, name))
+        if self.tokens_per_step:
+            per_micro = self.batch_size * self.seq_len
+            _check(
+                self.tokens_per_step % per_micro == 0,
+                f"run.tokens_per_step must be a multiple of batch_size * seq_len ({per_micro})",
+                self.tokens_per_step,
+            )
+
+    @property
+    def accum_steps(self) -> int:
+        """Micro-batches per optimizer step."""
+        if self.tokens_per_step:
+            return self.tokens_per_step // (self.batch_size * self.seq_len)
+        return self.grad_accum
+
+
+def _check(ok: bool, msg: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{msg}, got {value!r}")

@@ -1,0 +1,150 @@
+"""Synthetic run directories that follow the run-directory contract (docs/architecture.md).
+
+Reports are tested on these, so report tests need neither a model nor a training loop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+LAYERS = ("blocks.0.attn.qkv", "blocks.0.mlp.up", "blocks.1.attn.qkv", "blocks.1.mlp.up")
+OPERANDS = (
+    ("fprop", "input"),
+    ("fprop", "weight"),
+    ("dgrad", "grad_output"),
+    ("dgrad", "weight"),
+    ("wgrad", "grad_output"),
+    ("wgrad", "input"),
+)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def make_run(
+    root: Path,
+    recipe: str,
+    *,
+    steps: int = 60,
+    offset: float = 0.0,
+    eval_every: int = 20,
+    telemetry_every: int = 20,
+    tensorwise: bool = False,
+    spike_at: int | None = None,
+    nan_from: int | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write a run directory ``root/recipe`` and return it.
+
+    The loss decays like a real run, shifted by ``offset`` (a recipe's gap to bf16); bf16
+    runs have no numerics, like a real bf16 run.
+    """
+    rng = random.Random(seed)
+    run = root / recipe
+    run.mkdir(parents=True)
+    (run / "config.toml").write_text(
+        f'[recipe]\nname = "{recipe}"\n\n[run]\nsteps = {steps}\nseed = {seed}\n'
+        f"telemetry_every = {telemetry_every}\n",
+        encoding="utf-8",
+    )
+    metrics = []
+    for step in range(1, steps + 1):
+        loss = 2.0 + 3.0 * math.exp(-step / 15) + offset + rng.uniform(-0.05, 0.05)
+        if spike_at is not None and step == spike_at:
+            loss += 4.0
+        if nan_from is not None and step >= nan_from:
+            loss = None  # what a NaN loss looks like after JSON (null)
+        row = {
+            "step": step,
+            "loss": loss,
+            "lr": 1e-3,
+            "grad_norm": 1.0,
+            "loss_scale": 1.0,
+            "skipped_steps": 0,
+            "tokens": step * 4096,
+            "tokens_per_s": 5000.0 + offset,
+            "step_time_s": 0.8,
+            "peak_mem_mb": 100.0,
+        }
+        if (step % eval_every == 0 or step == steps) and loss is not None:
+            row["val_loss"] = loss + 0.1
+            row["val_ppl"] = math.exp(loss + 0.1)
+        metrics.append(row)
+    _write_jsonl(run / "metrics.jsonl", metrics)
+    numerics = []
+    if recipe != "bf16" and telemetry_every:
+        for step in range(telemetry_every, steps + 1, telemetry_every):
+            for i, layer in enumerate(LAYERS):
+                for gemm, operand in OPERANDS:
+                    row = {
+                        "step": step,
+                        "layer": layer,
+                        "gemm": gemm,
+                        "operand": operand,
+                        "fmt": "e4m3",
+                        "saturated_pct": 0.01 * i * (step / steps),
+                        "underflow_pct": 0.5 + 0.1 * i,
+                        "sqnr_db": 31.0 - i * 0.5,
+                        "amax": 2.0 + i,
+                    }
+                    if tensorwise:
+                        row["scale"] = 448.0 / (2.0 + i + step / 100)
+                        row["amax_history"] = [2.0 + i] * 4
+                    else:
+                        row["scale_exp_hist"] = {str(-8 - i): 10, str(-7 - i): 30 + step}
+                    numerics.append(row)
+    _write_jsonl(run / "numerics.jsonl", numerics)
+    events = []
+    if spike_at is not None:
+        events.append(
+            {
+                "step": spike_at,
+                "kind": "spike",
+                "loss": 9.0,
+                "baseline": 3.0,
+                "layers": [
+                    {
+                        "layer": "blocks.1.mlp.up",
+                        "gemm": "wgrad",
+                        "operand": "grad_output",
+                        "metric": "amax",
+                        "change": 8.0,
+                    }
+                ],
+            }
+        )
+    if nan_from is not None:
+        events.append({"step": nan_from, "kind": "nan", "loss": None, "baseline": 2.5,
+                       "layers": []})  # fmt: skip
+    _write_jsonl(run / "events.jsonl", events)
+    final_val = next((m["val_loss"] for m in reversed(metrics) if "val_loss" in m), None)
+    (run / "summary.json").write_text(
+        json.dumps(
+            {
+                "recipe": recipe,
+                "steps": steps,
+                "final_val_loss": final_val,
+                "final_val_ppl": None if final_val is None else math.exp(final_val),
+                "tokens_per_s": 5000.0 + offset,
+                "skipped_steps": 0,
+                "diverged": nan_from is not None,
+            }
+        ),
+        encoding="utf-8",
+    )
+    return run
+
+
+def make_comparison(root: Path) -> Path:
+    """A comparison directory: bf16, mxfp8 (tiny gap), mxfp8-floor (a spike it recovers
+    from), fp8-tensorwise (goes NaN at step 50)."""
+    cmp_dir = root / "cmp"
+    make_run(cmp_dir, "bf16", seed=1)
+    make_run(cmp_dir, "mxfp8", offset=0.01, seed=1)
+    make_run(cmp_dir, "mxfp8-floor", offset=0.08, spike_at=30, seed=1)
+    make_run(cmp_dir, "fp8-tensorwise", offset=0.05, tensorwise=True, nan_from=50, seed=1)
+    return cmp_dir

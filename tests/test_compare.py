@@ -1,0 +1,126 @@
+"""`mxfp8 compare` end to end on a very small model: runs, report, skip, resume, guards."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from mxfp8.cli.main import main
+from mxfp8.compare import default_telemetry_every
+from mxfp8.train.config import load_config
+from mxfp8.train.data import DataConfig, prepare_data
+
+SMALL = [
+    "--steps", "8", "--model.n_layers", "2", "--model.d_model", "64", "--model.n_heads", "2",
+    "--model.n_kv_heads", "1", "--model.ffn_hidden", "128", "--data.vocab_size", "512",
+    "--run.batch_size", "4", "--run.seq_len", "32", "--run.eval_every", "4",
+    "--run.eval_batches", "2", "--run.progress", "false", "--run.log_every", "1",
+    "--run.compile_quantize", "false",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A small local corpus (a BPE on it trains in a second) and its prepared cache."""
+    root = tmp_path_factory.mktemp("data")
+    rng = random.Random(0)
+    words = ("the a of to and in that is was he for it with as his on be at by had not "
+             "block scale format gradient weight loss step layer model train").split()  # fmt: skip
+    lines = (" ".join(rng.choice(words) for _ in range(12)) for _ in range(6000))
+    (root / "corpus.txt").write_text("\n".join(lines))
+    prepare_data(DataConfig(source=str(root / "corpus.txt"), vocab_size=512,
+                            cache_dir=str(root)))  # fmt: skip
+    return root
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _args(out, cache, *extra):
+    data = ["--data", str(cache / "corpus.txt"), "--data.cache_dir", str(cache)]
+    return ["compare", "--out", str(out), *SMALL, *data, *extra]
+
+
+def _losses(run_dir):
+    return [(m["step"], m["loss"]) for m in map(json.loads, open(run_dir / "metrics.jsonl"))]
+
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory, cache):
+    out = tmp_path_factory.mktemp("cmp")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the tests below: same thread count, same numbers
+    try:
+        assert main(_args(out, cache, "--recipes", "bf16,mxfp8-floor")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def test_compare_writes_one_run_per_recipe_and_the_report(comparison, capsys):
+    out = comparison
+    for recipe in ("bf16", "mxfp8-floor"):
+        summary = json.loads((out / recipe / "summary.json").read_text())
+        assert summary["recipe"] == recipe and summary["steps"] == 8
+    assert (out / "report.html").is_file() and (out / "plots" / "loss.png").is_file()
+    assert json.loads((out / "comparison.json").read_text()) == {"recipes": ["bf16", "mxfp8-floor"]}
+    # telemetry is on for the quantized run (every 8 // 4 = 2 steps), absent for bf16
+    rows = [json.loads(x) for x in (out / "mxfp8-floor" / "numerics.jsonl").read_text().split()]
+    assert sorted({r["step"] for r in rows}) == [2, 4, 6, 8]
+    assert not (out / "bf16" / "numerics.jsonl").exists()
+    assert any(r["saturated_pct"] > 0 for r in rows)  # the floor rule clips, visibly
+    # same model, seed and data: the configs differ only in recipe and output directory
+    cfgs = [load_config(out / r / "config.toml").to_dict() for r in ("bf16", "mxfp8-floor")]
+    for c in cfgs:
+        c["recipe"].pop("name")
+        c["run"].pop("out")
+    assert cfgs[0] == cfgs[1]
+
+
+def test_a_finished_comparison_is_skipped(comparison, cache, capsys):
+    before = (comparison / "bf16" / "metrics.jsonl").read_bytes()
+    assert main(_args(comparison, cache, "--recipes", "bf16,mxfp8-floor")) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("already complete") == 2
+    assert captured.out.strip().endswith(f"report: {comparison / 'report.html'}")
+    assert (comparison / "bf16" / "metrics.jsonl").read_bytes() == before
+
+
+def test_a_different_config_in_the_same_directory_is_refused(comparison, cache, capsys):
+    assert main(_args(comparison, cache, "--recipes", "bf16", "--run.seed", "7")) == 2
+    assert "different config" in capsys.readouterr().err
+
+
+def test_bad_recipe_lists_are_refused(tmp_path, cache, capsys):
+    assert main(_args(tmp_path, cache, "--recipes", "bf16,nope")) == 2
+    assert "unknown recipe" in capsys.readouterr().err
+    assert main(_args(tmp_path, cache, "--recipe", "mxfp8")) == 2
+    assert "--recipes" in capsys.readouterr().err
+
+
+def test_default_telemetry_interval():
+    assert default_telemetry_every(2000) == 100
+    assert default_telemetry_every(100) == 25
+    assert default_telemetry_every(3) == 1
+
+
+@pytest.mark.slow
+def test_an_interrupted_comparison_resumes_to_the_same_curves(tmp_path, cache, comparison):
+    out = tmp_path / "cmp"
+    recipes = ("--recipes", "bf16,mxfp8-floor")
+    assert main(_args(out, cache, *recipes, "--stop-after", "3")) == 0
+    assert not (out / "bf16" / "summary.json").exists()
+    assert main(_args(out, cache, *recipes)) == 0
+    for recipe in ("bf16", "mxfp8-floor"):
+        assert _losses(out / recipe) == _losses(comparison / recipe)
+    assert (out / "mxfp8-floor" / "numerics.jsonl").read_text() == (
+        comparison / "mxfp8-floor" / "numerics.jsonl"
+    ).read_text()
