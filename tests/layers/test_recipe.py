@@ -6,7 +6,7 @@ import tomllib
 
 import pytest
 
-from mxfp8.layers import _toml
+from mxfp8 import _toml
 from mxfp8.layers.recipe import (
     AmaxReduce,
     Fp8Format,

@@ -14,6 +14,7 @@ from mxfp8.stats.divergence import (
     DivergenceConfig,
     DivergenceHook,
     SpikeDetector,
+    make_hook,
     rank_layer_changes,
 )
 
@@ -68,6 +69,17 @@ def test_config_is_validated():
         DivergenceConfig(ema_decay=1.0)
     with pytest.raises(ValueError, match="sigmas"):
         DivergenceConfig(sigmas=0)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        DivergenceConfig(warmup_steps=-1)
+
+
+def test_make_hook_uses_the_run_configs_thresholds(tmp_path):
+    config = DivergenceConfig(warmup_steps=0, min_rel=0.5, sigmas=1.0)
+    hook = make_hook(SimpleNamespace(divergence=config), tmp_path)
+    assert hook.detector.config is config
+    for step, loss in enumerate([4.0, 4.0, 5.0, 7.0], start=1):  # +25 % passes, +75 % trips
+        hook.on_step_end(step, {"loss": loss})
+    assert [(e.step, e.kind) for e in hook.events] == [(4, "spike")]
 
 
 def _rows(step, amax_scale=1.0, sqnr_drop=0.0):

@@ -83,6 +83,8 @@ def test_overrides_on_top_of_a_file_and_preset_reset(tmp_path):
         ({"run.tokens_per_step": "1000"}, "multiple of batch_size * seq_len"),
         ({"run.seq_len": "4096"}, "exceeds model max_seq_len"),
         ({"trainer.steps": "1"}, "SECTION one of"),
+        ({"divergence.ema_decay": "1"}, "divergence.ema_decay must be in (0, 1)"),
+        ({"divergence.sigma": "3"}, "did you mean divergence.sigmas?"),
     ],
 )
 def test_wrong_overrides_name_the_key(override, message):
@@ -103,9 +105,22 @@ def test_unknown_key_in_a_file_lists_valid_keys(tmp_path):
 
 def test_every_field_has_help():
     keys = config_keys()
-    assert set(keys) == {"model", "recipe", "data", "optim", "schedule", "loss_scale", "run"}
+    assert set(keys) == {
+        "model", "recipe", "data", "optim", "schedule", "loss_scale", "run", "divergence"
+    }  # fmt: skip
     for section, entries in keys.items():
         for name, _tp, _default, help_text in entries:
             assert help_text.strip(), f"{section}.{name} has no help text"
     run_fields = {f.name for f in dataclasses.fields(TrainConfig().run)}
     assert run_fields == {e[0] for e in keys["run"]}
+
+
+def test_divergence_thresholds_are_a_config_section(tmp_path):
+    cfg = load_config(None, {"divergence.sigmas": "3", "divergence.warmup_steps": "5"})
+    assert (cfg.divergence.sigmas, cfg.divergence.warmup_steps) == (3.0, 5)
+    assert cfg.divergence.min_rel == TrainConfig().divergence.min_rel
+    path = tmp_path / "c.toml"
+    cfg.save(path)
+    assert load_config(path) == cfg
+    path.write_text("[run]\nsteps = 3\n")  # a config written before the section existed
+    assert load_config(path).divergence == TrainConfig().divergence

@@ -132,3 +132,17 @@ def test_metrics_keys_and_existing_run_dir(tmp_path, data_cache):
     assert load_config(tmp_path / "config.toml").run.steps == 4
     with pytest.raises(FileExistsError):
         train(cfg)
+
+
+def test_every_run_gets_the_stats_hooks_with_its_config(tmp_path):
+    from mxfp8.stats.divergence import DivergenceHook
+    from mxfp8.stats.telemetry import TelemetryHook
+    from mxfp8.train.loop import _auto_hooks
+
+    cfg = load_config(None, {"divergence.sigmas": "2.5"})
+    (hook,) = _auto_hooks(cfg, tmp_path)
+    assert isinstance(hook, DivergenceHook) and hook.detector.config.sigmas == 2.5
+    cfg = load_config(None, {"run.telemetry_every": "3"})
+    telemetry, divergence = _auto_hooks(cfg, tmp_path)  # telemetry first: events can use it
+    assert isinstance(telemetry, TelemetryHook) and telemetry.every == 3
+    assert isinstance(divergence, DivergenceHook)

@@ -2,14 +2,21 @@
 
 Every ``--section.field`` option is generated from the config dataclasses of
 :mod:`mxfp8.train.config`, with their help text, so this file never lists options by hand.
+:func:`add_config_options` declares them on any parser (``mxfp8 compare`` shares them), and
+:func:`unknown_option_message` (called by ``mxfp8.cli.main`` for words no option matched) turns a
+mistyped ``--section.field`` into an error that lists the valid keys of that section.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mxfp8.train.config import TrainConfig
 
 # short flag -> (config key, metavar, help)
 SHORT_FLAGS: dict[str, tuple[str, str, str]] = {
@@ -21,11 +28,6 @@ SHORT_FLAGS: dict[str, tuple[str, str, str]] = {
     "--seed": ("run.seed", "SEED", "seed of the model init and the data order"),
     "--stop-after": ("run.stop_after", "K", "end this process after K steps, with a checkpoint"),
 }
-USAGE = (
-    "mxfp8 train [--config FILE] [--recipe NAME] [--model PRESET] [--data SOURCE] [--steps N]\n"
-    "                   [--out DIR] [--seed SEED] [--resume] [--stop-after K]\n"
-    "                   [--SECTION.FIELD VALUE ...]"
-)
 _PREFIX = "set:"  # argparse dest of generated options: "set:section.field"
 
 DESCRIPTION = """\
@@ -37,6 +39,45 @@ Settings come from the defaults, then --config FILE (TOML, one table per section
 `--resume --out RUN` continues a stopped run (bit-identical to an uninterrupted one)."""
 
 
+def usage(command: str, extra: str = "") -> str:
+    """The usage line of a subcommand that takes the run-config options (``extra`` first)."""
+    items = [extra, "[--config FILE]", "[--recipe NAME]", "[--model PRESET]",
+             "[--data SOURCE]", "[--steps N]", "[--out DIR]", "[--seed SEED]", "[--resume]",
+             "[--stop-after K]", "[--SECTION.FIELD VALUE ...]"]  # fmt: skip
+    head = f"mxfp8 {command} "
+    pad = " " * (len("usage: ") + len(head))
+    lines, line = [], head
+    for item in filter(None, items):
+        if len(line) + len(item) > 88 and line.strip() != head.strip():
+            lines.append(line.rstrip())
+            line = pad
+        line += item + " "
+    return "\n".join([*lines, line.rstrip()])
+
+
+def unknown_option_message(option: str) -> str:
+    """Why ``option`` (an unrecognized command-line word) is wrong, and what is valid."""
+    from mxfp8.train.config import ConfigError, apply_overrides, config_keys
+
+    if not option.startswith("--"):
+        return f"unrecognized argument {option!r}"
+    dotted = option[2:].split("=", 1)[0]
+    if "." not in dotted:
+        return f"unrecognized option --{dotted} (see --help)"
+    section, _, field = dotted.partition(".")
+    keys = config_keys()
+    if section in keys:
+        valid = [entry[0] for entry in keys[section]]
+        close = difflib.get_close_matches(field, valid, n=1)
+        hint = f" (did you mean --{section}.{close[0]}?)" if close else ""
+        return f"unknown option --{dotted}{hint}; valid keys in [{section}]: " + ", ".join(valid)
+    try:
+        apply_overrides({}, {dotted: ""})
+    except ConfigError as e:
+        return f"unknown option --{dotted}: {e}"
+    return f"unknown option {option}"
+
+
 def _short_type(tp: Any) -> str:
     from mxfp8.train.fields import type_name
 
@@ -45,33 +86,34 @@ def _short_type(tp: Any) -> str:
     return name.replace("2 floats (comma-separated)", "X,Y")
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
+def add_config_options(
+    parser: argparse.ArgumentParser,
+    *,
+    out_help: str = SHORT_FLAGS["--out"][2],
+    recipe_help: str = SHORT_FLAGS["--recipe"][2],
+    resume_help: str = "continue from the latest checkpoint in --out (its config.toml is the base)",
+) -> None:
+    """Declare ``--config``, ``--resume``, the short flags and every ``--section.field``.
+
+    Values stay strings here (dest ``set:section.field``, absent unless given); they are typed
+    and validated when the config is built, so errors name the key. ``--out`` and ``--recipe``
+    mean something else in ``mxfp8 compare``, hence their help texts are parameters.
+    """
     from mxfp8.train.config import config_keys
 
-    p = subparsers.add_parser(
-        "train",
-        help="pre-train a model under a recipe (the main job)",
-        description=DESCRIPTION,
-        usage=USAGE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,
-    )
-    p.add_argument("--config", metavar="FILE", help="TOML config file (sections as below)")
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the latest checkpoint in --out (its config.toml is the base)",
-    )
-    p.add_argument(
-        "--no-report", action="store_true", help="do not write RUN/report.html at the end"
-    )
+    helps = {"--out": out_help, "--recipe": recipe_help}
+    parser.add_argument("--config", metavar="FILE", help="TOML config file (sections as below)")
+    parser.add_argument("--resume", action="store_true", help=resume_help)
     for flag, (key, metavar, help_text) in SHORT_FLAGS.items():
-        p.add_argument(
-            flag, dest=_PREFIX + key, metavar=metavar, default=argparse.SUPPRESS, help=help_text
+        parser.add_argument(
+            flag,
+            dest=_PREFIX + key,
+            metavar=metavar,
+            default=argparse.SUPPRESS,
+            help=helps.get(flag, help_text),
         )
-    keys = config_keys()
-    for section, entries in keys.items():
-        group = p.add_argument_group(f"[{section}] options")
+    for section, entries in config_keys().items():
+        group = parser.add_argument_group(f"[{section}] options")
         for name, tp, default, help_text in entries:
             shown = getattr(default, "value", default)
             text = help_text if "(default:" in help_text else f"{help_text} (default: {shown!r})"
@@ -82,41 +124,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                 default=argparse.SUPPRESS,
                 help=text.replace("%", "%%"),
             )
-    _reject_unknown_with_help(p, keys)
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "train",
+        allow_abbrev=False,
+        help="pre-train a model under a recipe (the main job)",
+        description=DESCRIPTION,
+        usage=usage("train"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_options(p)
+    p.add_argument(
+        "--no-report", action="store_true", help="do not write RUN/report.html at the end"
+    )
     return p
-
-
-def _reject_unknown_with_help(p: argparse.ArgumentParser, keys: dict) -> None:
-    """Unknown ``--section.field`` options fail with the valid keys of that section."""
-    original = p.parse_known_args
-
-    def parse_known_args(args=None, namespace=None):
-        ns, extras = original(args, namespace)
-        for item in extras:
-            if not item.startswith("--"):
-                continue
-            from mxfp8.train.config import ConfigError, apply_overrides
-
-            dotted = item[2:].split("=", 1)[0]
-            section, _, field = dotted.partition(".")
-            if section in keys:
-                import difflib
-
-                valid = [e[0] for e in keys[section]]
-                close = difflib.get_close_matches(field, valid, n=1)
-                hint = f" (did you mean --{section}.{close[0]}?)" if close else ""
-                p.error(
-                    f"unknown option --{dotted}{hint}; valid keys in [{section}]: "
-                    + ", ".join(valid)
-                )
-            try:
-                apply_overrides({}, {dotted: ""})
-            except ConfigError as e:
-                p.error(f"unknown option --{dotted}: {e}")
-            p.error(f"unknown option {item}")
-        return ns, extras
-
-    p.parse_known_args = parse_known_args  # type: ignore[method-assign]
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -126,17 +149,15 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return {**heads, **{k: v for k, v in found.items() if k not in heads}}
 
 
-def build_config(args: argparse.Namespace):
+def build_config(args: argparse.Namespace) -> TrainConfig:
     """The run config of a command line (a resumed run starts from its saved config)."""
-    from mxfp8.train.config import load_config
+    from mxfp8.train.config import ConfigError, load_config
 
     overrides = overrides_from_args(args)
-    base = getattr(args, "config", None)
-    if getattr(args, "resume", False):
+    base = args.config
+    if args.resume:
         out = overrides.get("run.out")
         if not out:
-            from mxfp8.train.config import ConfigError
-
             raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
         saved = Path(out) / "config.toml"
         if base is None and saved.is_file():
@@ -146,7 +167,8 @@ def build_config(args: argparse.Namespace):
     return load_config(base, overrides)
 
 
-def run_config(cfg, *, report: bool = True) -> int:
+def run_config(cfg: TrainConfig, *, report: bool = True) -> int:
+    """Train ``cfg``, then print the final validation loss and perplexity, and the run path."""
     from mxfp8.train.loop import train
 
     result = train(cfg)

@@ -26,7 +26,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from mxfp8.layers import _toml
+from mxfp8 import _toml
 
 
 class ScalingKind(enum.StrEnum):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,24 +36,36 @@ SQNR_DB_PER_BIT = 20 * math.log10(2)  # 6.02 dB: one bit of precision
 log = logging.getLogger(__name__)
 
 
+def _opt(default: float | int, help: str) -> Any:  # noqa: A002 - as mxfp8.train.fields.opt
+    """A field with its help text (read by ``mxfp8 train --help``; train is a higher floor,
+    so its ``opt`` helper is not imported here)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class DivergenceConfig:
-    """Thresholds of the spike detector (defaults suit LLM pre-training loss curves)."""
+    """Thresholds of the spike detector: the ``[divergence]`` section of the run config
+    (defaults suit LLM pre-training loss curves)."""
 
-    ema_decay: float = 0.95  # baseline memory: about 1 / (1 - decay) = 20 steps
-    sigmas: float = 6.0  # spike if loss - baseline > sigmas * spread ...
-    min_rel: float = 0.1  # ... and > min_rel * baseline (10 %)
-    warmup_steps: int = 20  # steps before any spike is flagged (NaN always is)
-    top_layers: int = 5  # layers listed per event
+    ema_decay: float = _opt(0.95, "decay of the loss baseline (EMA): it remembers about "
+                            "1 / (1 - decay) steps")  # fmt: skip
+    sigmas: float = _opt(6.0, "a spike exceeds the baseline by more than sigmas times the "
+                         "running spread of the loss ...")  # fmt: skip
+    min_rel: float = _opt(0.1, "... and by more than min_rel times the baseline")
+    warmup_steps: int = _opt(20, "steps before any spike is flagged (a NaN loss always is)")
+    top_layers: int = _opt(5, "layers whose numerics changed most, listed per event")
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+            raise ValueError(f"divergence.ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.sigmas <= 0 or self.min_rel < 0:
-            raise ValueError(f"sigmas must be > 0 and min_rel >= 0, got {self.sigmas}, "
-                             f"{self.min_rel}")  # fmt: skip
+            raise ValueError(f"divergence.sigmas must be > 0 and divergence.min_rel >= 0, got "
+                             f"{self.sigmas}, {self.min_rel}")  # fmt: skip
         if self.warmup_steps < 0 or self.top_layers < 0:
-            raise ValueError("warmup_steps and top_layers must be >= 0")
+            raise ValueError(
+                f"divergence.warmup_steps and divergence.top_layers must be >= 0, got "
+                f"{self.warmup_steps}, {self.top_layers}"
+            )
 
 
 @dataclass(frozen=True)
@@ -248,5 +260,5 @@ class DivergenceHook:
 
 
 def make_hook(cfg: Any, run_dir: str | Path) -> DivergenceHook:
-    """The hook ``mxfp8.train.loop`` installs on every run."""
-    return DivergenceHook(run_dir)
+    """The hook ``mxfp8.train.loop`` installs on every run, with ``cfg.divergence``."""
+    return DivergenceHook(run_dir, cfg.divergence)

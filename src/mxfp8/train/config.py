@@ -5,7 +5,9 @@ Sections (TOML tables, and ``--section.field`` on the command line):
 - ``model``: a preset name from :data:`mxfp8.train.model.MODEL_PRESETS` plus field overrides,
   validated through :func:`mxfp8.train.model.model_config`.
 - ``data``: :class:`mxfp8.train.data.DataConfig`.
-- ``optim``, ``schedule``, ``loss_scale``, ``run``: defined here.
+- ``optim``, ``schedule``, ``loss_scale``, ``run``: :mod:`mxfp8.train.sections`.
+- ``divergence``: the loss-spike detector's thresholds,
+  :class:`mxfp8.stats.divergence.DivergenceConfig`.
 - ``recipe``: a preset name from :func:`mxfp8.list_recipes` plus field overrides, validated
   through :class:`mxfp8.Recipe`.
 
@@ -23,6 +25,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from mxfp8.stats.divergence import DivergenceConfig
 from mxfp8.train.data import DataConfig
 from mxfp8.train.fields import (
     ConfigError,
@@ -40,6 +43,7 @@ from mxfp8.train.sections import LossScaleConfig, OptimConfig, RunConfig, Schedu
 
 __all__ = [
     "ConfigError",
+    "DivergenceConfig",
     "LossScaleConfig",
     "LossScaleMode",
     "ModelSection",
@@ -105,6 +109,7 @@ PLAIN_SECTIONS: dict[str, type] = {
     "schedule": ScheduleConfig,
     "loss_scale": LossScaleConfig,
     "run": RunConfig,
+    "divergence": DivergenceConfig,
 }
 SECTIONS = ("model", "recipe", *PLAIN_SECTIONS)
 
@@ -120,6 +125,7 @@ class TrainConfig:
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
     loss_scale: LossScaleConfig = dataclasses.field(default_factory=LossScaleConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    divergence: DivergenceConfig = dataclasses.field(default_factory=DivergenceConfig)
 
     def __post_init__(self) -> None:
         m = self.model.build()
@@ -151,7 +157,7 @@ class TrainConfig:
     def to_toml(self) -> str:
         """TOML text; the ``[resolved.*]`` tables are for readers and are ignored on load."""
         body = self.to_dict()
-        body.update({f"resolved.{k}": v for k, v in self.resolved().items()})
+        body["resolved"] = self.resolved()
         return dumps_toml(body, header="mxfp8 run config (mxfp8 train --config THIS_FILE)")
 
     @classmethod

@@ -12,13 +12,13 @@ import dataclasses
 import enum
 import functools
 import inspect
-import json
-import math
 import textwrap
 import tomllib
 import types
 import typing
 from typing import Any
+
+from mxfp8 import _toml
 
 
 class ConfigError(ValueError):
@@ -215,49 +215,7 @@ def plain(value: Any) -> Any:
     return value
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        inner = ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items())
-        return "{ " + inner + " }" if inner else "{}"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML: {v!r}")
-
-
-def _toml_key(k: str) -> str:
-    ok = k and all(c.isalnum() or c in "-_" for c in k)
-    return k if ok else json.dumps(k)
-
-
 def dumps_toml(data: dict[str, Any], header: str = "") -> str:
-    """Write a two-level dict (``{section: {key: value}}``) as TOML; ``None`` values are omitted.
-
-    Nested dicts inside a section become sub-tables ``[section.key]``.
-    """
-    lines = [f"# {line}" for line in header.splitlines()]
-
-    def table(name: str, body: dict[str, Any]) -> None:
-        scalars = {k: v for k, v in body.items() if v is not None and not isinstance(v, dict)}
-        subs = {k: v for k, v in body.items() if isinstance(v, dict)}
-        if lines:
-            lines.append("")
-        lines.append(f"[{name}]")
-        lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in scalars.items())
-        for k, v in subs.items():
-            table(f"{name}.{_toml_key(k)}", v)
-
-    for name, body in data.items():
-        table(name, plain(body))
-    return "\n".join(lines) + "\n"
+    """Write ``{section: {key: value}}`` as TOML (``None`` values omitted; nested dicts become
+    sub-tables ``[section.key]``)."""
+    return _toml.dumps(plain(data), header=header)

@@ -1,9 +1,10 @@
 """Extension points of the training loop: hooks, what they see, and what a run returns.
 
 Other floors attach here without editing the loop: numerics telemetry attaches observers on
-telemetry steps, a divergence detector looks at every loss. A module of the stats floor that
-defines ``make_hook(cfg, run_dir) -> TrainHook | None`` is picked up automatically
-(``mxfp8.stats.divergence`` always, ``mxfp8.stats.telemetry`` when ``run.telemetry_every``).
+telemetry steps, a divergence detector looks at every loss. The loop installs the stats
+floor's hooks itself, from ``make_hook(cfg, run_dir) -> TrainHook | None`` of
+``mxfp8.stats.telemetry`` (when ``run.telemetry_every``) and ``mxfp8.stats.divergence``
+(always); :func:`mxfp8.train.loop.train` takes more through its ``hooks`` argument.
 """
 
 from __future__ import annotations

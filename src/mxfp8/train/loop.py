@@ -13,7 +13,6 @@ which is why a resumed run reproduces an uninterrupted one bit for bit.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import math
 import random
@@ -25,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mxfp8.layers.convert import convert_model, load_scaling_state_dict, scaling_state_dict
+from mxfp8.stats import divergence, telemetry
 from mxfp8.train import checkpoint as ckpt
 from mxfp8.train.config import LossScaleMode, ModelSection, TrainConfig
 from mxfp8.train.data import eval_batches, get_batch, prepare_data
@@ -47,34 +48,10 @@ def default_run_dir(cfg: TrainConfig) -> Path:
 
 
 def _auto_hooks(cfg: TrainConfig, run_dir: Path) -> list[TrainHook]:
-    """Hooks of the stats floor, when installed: ``make_hook(cfg, run_dir) -> TrainHook|None``."""
-    names = ["mxfp8.stats.divergence"]
-    if cfg.run.telemetry_every > 0:
-        names.insert(0, "mxfp8.stats.telemetry")
-    hooks = []
-    for name in names:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        make = getattr(module, "make_hook", None)
-        hook = make(cfg, run_dir) if make is not None else None
-        if hook is not None:
-            hooks.append(hook)
-    return hooks
-
-
-def _scaling_state(model: nn.Module, load: dict | None = None) -> dict | None:
-    """Delayed-scaling amax histories (saved with the optimizer state, restored on resume)."""
-    try:
-        convert = importlib.import_module("mxfp8.layers.convert")
-    except ImportError:
-        return None
-    if load is None:
-        get = getattr(convert, "scaling_state_dict", None)
-        return get(model) if get is not None else None
-    convert.load_scaling_state_dict(model, load)
-    return None
+    """The stats floor's hooks every run gets: telemetry (when ``run.telemetry_every``), then
+    divergence detection (telemetry first, so an event can name the layers it just measured)."""
+    made = (telemetry.make_hook(cfg, run_dir), divergence.make_hook(cfg, run_dir))
+    return [h for h in made if h is not None]
 
 
 @torch.no_grad()
@@ -127,8 +104,6 @@ def train(cfg: TrainConfig, *, hooks: list[TrainHook] | tuple = ()) -> RunResult
     random.seed(run.seed)
     model = Transformer(model_cfg).to(device)
     if recipe.quantized:
-        from mxfp8.layers.convert import convert_model
-
         model = convert_model(model, recipe, compile_quantize=run.compile_quantize)
     report = getattr(model, "mxfp8_report", None)
     n_mx = len(report.converted) if report is not None else 0
@@ -147,8 +122,8 @@ def train(cfg: TrainConfig, *, hooks: list[TrainHook] | tuple = ()) -> RunResult
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         scaler.load_state_dict(state["loss_scaler"])
-        if state.get("scaling") is not None:
-            _scaling_state(model, load=state["scaling"])
+        if state.get("scaling") is not None:  # delayed-scaling amax histories
+            load_scaling_state_dict(model, state["scaling"])
         ckpt.set_rng_state(state["rng"])
         start, tokens, train_time = state["step"], state["tokens"], state["train_time_s"]
         _say(cfg, f"resumed from {latest} at step {start}")
@@ -230,7 +205,7 @@ def train(cfg: TrainConfig, *, hooks: list[TrainHook] | tuple = ()) -> RunResult
                     "optimizer": optimizer.state_dict(),
                     "schedule": schedule.state_dict(),
                     "loss_scaler": scaler.state_dict(),
-                    "scaling": _scaling_state(model),
+                    "scaling": scaling_state_dict(model),
                     "rng": ckpt.rng_state(),
                     "data": {"seed": run.seed, "next_step": step},  # batches: f(seed, step)
                     "tokens": tokens,

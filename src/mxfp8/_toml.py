@@ -1,4 +1,4 @@
-"""A tiny TOML writer for configs: nested dicts of scalars and lists of scalars.
+"""A tiny TOML writer for recipes and run configs: nested dicts of scalars and lists of scalars.
 
 Reading uses the standard library (``tomllib``); Python has no TOML writer, and configs only
 need tables of strings, booleans, numbers and flat lists, so this stays small instead of adding
@@ -41,12 +41,15 @@ def _bare_or_quoted(key: str) -> str:
     return key if ok else json.dumps(key)
 
 
-def dumps(data: dict[str, Any]) -> str:
+def dumps(data: dict[str, Any], header: str = "") -> str:
     """Serialize a nested dict (tables = dicts; values = scalars or lists of scalars).
 
-    ``None`` values are skipped: TOML has no null, and readers fill in defaults.
+    ``None`` values are skipped: TOML has no null, and readers fill in defaults. ``header``
+    becomes leading ``#`` comment lines.
     """
-    lines: list[str] = []
+    lines: list[str] = [f"# {line}" for line in header.splitlines()]
+    if lines:
+        lines.append("")
     _write_table(data, [], lines)
     return "\n".join(lines).strip() + "\n"
 
