@@ -10,6 +10,7 @@ fake-quantize, compiled, then bf16 matmuls with fp32 accumulation). Two MX colum
   micro-batch per step).
 
 Usage: python benchmarks/linear.py [--reps N] [--shapes 4096x1024x4096 ...] [--no-large]
+                                  [--threads N]
 """
 
 from __future__ import annotations
@@ -68,7 +69,16 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--shapes", nargs="*", default=SHAPES)
     p.add_argument("--no-large", action="store_true", help="skip 8192x2048x8192")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (0: torch's default). On a shared, oversubscribed machine 1 thread "
+        "avoids timing the wait for a descheduled OpenMP thread at every parallel region",
+    )
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shapes = [s for s in args.shapes if not (args.no_large and s == "8192x2048x8192")]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.reps}")
     head = f"{'tokens x in x out':>18} {'bf16 ms':>9} {'MX cached W':>12} {'ratio':>6}"

@@ -170,6 +170,56 @@ class EmulatedBackend:
                 deq = deq.to(dt)  # exact: MX values fit in bf16 and fp32
         return (deq.t() if transposed else deq), q
 
+    def quantize_pair(
+        self,
+        hp: torch.Tensor,
+        spec_row: MXSpec,
+        spec_col: MXSpec,
+        out_dtype: torch.dtype,
+        *,
+        out_row: torch.Tensor | None = None,
+        out_col: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Both operands of one 2-D tensor [R, C] from the shared row+column kernel:
+        (hp along C, as [R, C]; hp along R, as the [C, R] view of an [R, C] buffer), both in
+        the operand dtype (bf16 for a bf16 output, else fp32; the cast is exact).
+
+        Bit-equal to ``quantize_mx(hp)`` and ``quantize_mx(hp.t())`` (tested). Returns None
+        when that kernel does not apply (compiled quantizers off, a caller's torch.compile,
+        different specs, a non-contiguous or unaligned tensor, not CPU), and the caller then
+        makes the two calls. ``out_row``/``out_col``: optional scratch buffers shaped like
+        ``hp``, used when they have the operand dtype.
+        """
+        from mxfp8.numerics.rowcol import fake_quantize_rowcol
+
+        bs = spec_row.block_size
+        if (
+            not self.compiled
+            or torch.compiler.is_compiling()
+            or spec_row != spec_col
+            or hp.dim() != 2
+            or not hp.is_contiguous()
+            or hp.shape[0] % bs
+            or hp.shape[1] % bs
+            or hp.device.type != "cpu"
+        ):
+            return None
+        dt = _emulated_dtype(out_dtype)
+        bufs = tuple(
+            b if b is not None and b.shape == hp.shape and b.dtype == dt else None
+            for b in (out_row, out_col)
+        )
+        row, col = fake_quantize_rowcol(
+            hp,
+            spec_row.fmt,
+            block_size=bs,
+            scale_rule=spec_row.scale_rule,
+            compiled=True,
+            out_dtype=dt,
+            out=tuple(torch.empty_like(hp, dtype=dt) if b is None else b for b in bufs),
+        )
+        return row, col.t()
+
     def mm_nt(self, a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         out = torch.mm(a, b.t())  # [M, K] x [K, N], fp32 accumulation in both dtypes
         return out if out.dtype == out_dtype else out.to(out_dtype)
@@ -225,6 +275,10 @@ class ScaledMMBackend:
         else:
             op = _NTOperand(q.data, q.scale)
         return op, (q if want_q else None)
+
+    def quantize_pair(self, hp, spec_row, spec_col, out_dtype, *, out_row=None, out_col=None):
+        """No shared row+column kernel here: the caller quantizes each copy itself."""
+        return None
 
     def mm_nt(self, a: Any, b: Any, out_dtype: torch.dtype) -> torch.Tensor:
         sa = to_blocked_scales(a.scale)

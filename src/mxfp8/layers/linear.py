@@ -18,8 +18,10 @@ operands along its reduction dim, each from the high-precision tensor) and
 Weight cache (gradient accumulation): the quantized weight operands are cached on the layer,
 keyed on the weight's version counter and storage, so the micro-batches of one optimizer step
 quantize the weight once; any in-place change (``optimizer.step()``, ``load_state_dict``)
-invalidates it. ``weight_quantizations`` counts cache misses. ``cache_weights = False`` turns
-it off. Under ``torch.compile`` the cache is bypassed (the graph recomputes it).
+invalidates it. ``weight_quantizations`` counts the quantized weight copies made (a cache
+miss makes one; with ``compile_quantize`` on CPU the forward's miss makes both copies at once
+and counts two). ``cache_weights = False`` turns it off. Under ``torch.compile`` the cache is
+bypassed (the graph recomputes it).
 
 Telemetry hook. Every MXLinear has ``observer = None`` (zero cost) and ``name`` (its fqn, set by
 ``convert_model``). Set ``layer.observer`` to a plain callable (not an ``nn.Module``) and the

@@ -61,12 +61,19 @@ class MXLinearFunction(torch.autograd.Function):
         be, dt = plan.backend, plan.compute_dtype
         obs = None if layer is None else layer.observer
         want = obs is not None
-        spec = plan.specs["fprop", "input"]
-        xq, qx = be.quantize_mx(x2d, spec, dt, want_q=want, out=scratch(layer, "x", x2d))
+        spec, spec_t = plan.specs["fprop", "input"], plan.specs["wgrad", "input"]
+        x_buf = scratch(layer, "x", x2d, dt)  # the operand dtype (x may be fp32 under autocast)
+        # both copies of x (along K for fprop; x^T [K, M] along M for wgrad) in shared passes
+        pair = None if want else be.quantize_pair(x2d, spec, spec_t, dt, out_row=x_buf)
+        if pair is not None:
+            (xq, xtq), qx, qxt = pair, None, None
+        else:
+            xq, qx = be.quantize_mx(x2d, spec, dt, want_q=want, out=x_buf)
         wq, qw = weight_operand(layer, weight, plan, "fprop")
         y = be.mm_nt(xq, wq, dt)  # [M, N]
-        # wgrad operand: x^T [K, M], blocks along M (tokens), from the high-precision x
-        xtq, qxt = be.quantize_mx(x2d.t(), plan.specs["wgrad", "input"], dt, want_q=want)
+        if pair is None:
+            # wgrad operand: x^T [K, M], blocks along M (tokens), from the high-precision x
+            xtq, qxt = be.quantize_mx(x2d.t(), spec_t, dt, want_q=want)
         if obs is not None:
             obs(layer, "fprop", "input", x2d, qx)
             obs(layer, "fprop", "weight", weight, qw)
@@ -87,9 +94,17 @@ class MXLinearFunction(torch.autograd.Function):
         want = obs is not None
         dy = dy.reshape(-1, dy.shape[-1]).to(dt)  # [M, N]
         dx = dw = None
+        spec, spec_t = plan.specs["dgrad", "grad_output"], plan.specs["wgrad", "grad_output"]
+        pair = None
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and not want:
+            # both copies of dy (along N for dgrad, dy^T along M for wgrad) in shared passes
+            bufs = dict(out_row=scratch(layer, "dy", dy), out_col=scratch(layer, "dyT", dy))
+            pair = be.quantize_pair(dy, spec, spec_t, dt, **bufs)
         if ctx.needs_input_grad[0]:
-            spec = plan.specs["dgrad", "grad_output"]
-            dyq, qdy = be.quantize_mx(dy, spec, dt, want_q=want, out=scratch(layer, "dy", dy))
+            if pair is not None:
+                dyq, qdy = pair[0], None
+            else:
+                dyq, qdy = be.quantize_mx(dy, spec, dt, want_q=want, out=scratch(layer, "dy", dy))
             wtq, qwt = weight_operand(layer, weight, plan, "dgrad")
             dx = be.mm_nt(dyq, wtq, dt).to(ctx.x_dtype)  # [M, N] x [N, K] -> [M, K]
             if obs is not None:
@@ -97,9 +112,11 @@ class MXLinearFunction(torch.autograd.Function):
                 obs(layer, "dgrad", "weight", weight, qwt)
         if ctx.needs_input_grad[1]:
             # dy^T [N, M], blocks along M, from the high-precision dy
-            spec = plan.specs["wgrad", "grad_output"]
-            buf = scratch(layer, "dyT", dy)  # the source dy's shape: blocks along its dim 0
-            dytq, qdyt = be.quantize_mx(dy.t(), spec, dt, want_q=want, out=buf)
+            if pair is not None:
+                dytq, qdyt = pair[1], None
+            else:
+                buf = scratch(layer, "dyT", dy)  # the source dy's shape: blocks along its dim 0
+                dytq, qdyt = be.quantize_mx(dy.t(), spec_t, dt, want_q=want, out=buf)
             xtq = _unpack(tuple(packed), ctx.xt_like)
             dw = be.mm_nt(dytq, xtq, dt).to(weight.dtype)  # [N, M] x [M, K] -> [N, K]
             if obs is not None:
@@ -107,8 +124,9 @@ class MXLinearFunction(torch.autograd.Function):
         return dx, dw, None, None
 
 
-def scratch(layer, key: str, like: torch.Tensor) -> torch.Tensor | None:
-    """A per-layer buffer shaped like ``like`` for an operand consumed within the same call.
+def scratch(layer, key: str, like: torch.Tensor, dtype=None) -> torch.Tensor | None:
+    """A per-layer buffer shaped like ``like`` (of ``dtype``, default like's) for an operand
+    consumed within the same call.
 
     Only operands that die before the call returns use it (x for fprop, dy's two copies in
     backward); the saved wgrad copy of x never does, so two forwards before one backward
@@ -120,10 +138,12 @@ def scratch(layer, key: str, like: torch.Tensor) -> torch.Tensor | None:
     if (
         buf is None
         or buf.shape != like.shape
-        or buf.dtype != like.dtype
+        or buf.dtype != (dtype or like.dtype)
         or buf.device != like.device
     ):
-        buf = layer._scratch[key] = torch.empty_like(like, memory_format=torch.contiguous_format)
+        buf = layer._scratch[key] = torch.empty_like(
+            like, dtype=dtype or like.dtype, memory_format=torch.contiguous_format
+        )
     return buf
 
 
@@ -145,9 +165,20 @@ def weight_operand(layer, weight: torch.Tensor, plan: MXPlan, gemm: str) -> tupl
     key = (gemm, weight._version, weight.data_ptr(), plan.compute_dtype, plan.backend.name)
     cache = layer._weight_cache
     if key not in cache:
-        for old in [k for k in cache if k[0] == gemm]:
-            del cache[old]  # one entry per GEMM: stale versions go
-        with torch.no_grad():
-            cache[key] = plan.backend.quantize_mx(hp, spec, plan.compute_dtype)
-        layer.weight_quantizations += 1
+        pair = None
+        if gemm == "fprop":  # both copies of W in shared passes; the dgrad one is cached too
+            with torch.no_grad():
+                spec_t = plan.specs["dgrad", "weight"]
+                pair = plan.backend.quantize_pair(weight, spec, spec_t, plan.compute_dtype)
+        for g in ("fprop", "dgrad") if pair is not None else (gemm,):
+            for old in [k for k in cache if k[0] == g]:
+                del cache[old]  # one entry per GEMM: stale versions go
+        if pair is not None:
+            cache[key] = (pair[0], None)
+            cache[("dgrad", *key[1:])] = (pair[1], None)
+            layer.weight_quantizations += 2
+        else:
+            with torch.no_grad():
+                cache[key] = plan.backend.quantize_mx(hp, spec, plan.compute_dtype)
+            layer.weight_quantizations += 1
     return cache[key]

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from mxfp8.numerics import kernels
+from mxfp8.numerics import kernels, two_pass
 from mxfp8.numerics.formats import E4M3, ElemFormat, ScaleRule, as_format, check_float_input
 from mxfp8.numerics.tensor import MXTensor
 
@@ -95,6 +95,12 @@ def _kernel(fn: Callable, compiled: bool, fmt, rule, dtype) -> Callable:
     return fn
 
 
+def _two_pass(compiled: bool, x: torch.Tensor) -> bool:
+    """Whether ``compiled=True`` takes the two-pass CPU kernels of :mod:`two_pass` (faster
+    there); inside a caller's torch.compile the single fused kernel is traced instead."""
+    return compiled and x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _check_out(out: torch.Tensor, shape, dtype: torch.dtype, what: str) -> None:
     if out.shape != shape or out.dtype != dtype or not out.is_contiguous():
         raise ValueError(
@@ -143,7 +149,18 @@ def quantize(
     if out is not None:
         _check_out(out.data, x.shape, fmt.torch_dtype, "out.data")
         _check_out(out.scale, torch.Size(scale_shape), torch.float8_e8m0fnu, "out.scale")
-    if direct:
+    if _two_pass(compiled, x):
+        scale_view = (xb.shape[0], 1, xb.shape[2])  # one scale per (outer, inner) block
+        if direct:
+            codes = out.data.view(torch.uint8).view(xb.shape)
+            bits = out.scale.view(torch.uint8).view(scale_view)
+        else:
+            codes = torch.empty(xb.shape, dtype=torch.uint8, device=x.device)
+            bits = torch.empty(scale_view, dtype=torch.uint8, device=x.device)
+        inv = _compiled(two_pass.quant_scales, *consts, x.dtype)(xb, *consts, bits)
+        _compiled(two_pass.quant_apply, *consts, x.dtype)(xb, inv, bits, *consts, codes)
+        q = codes.view(fmt.torch_dtype)
+    elif direct:
         bufs = (out.data.view(xb.shape), out.scale.view(torch.uint8).view(xb.shape[0], 1, -1))
         q, bits = fn(xb, *consts, out=bufs)
     else:
@@ -193,6 +210,17 @@ def fake_quantize(
     xb, _, padded_shape = _blocked(x, block_size, dim, pad)
     fn = _kernel(kernels.fake_quantize_blocks, compiled, fmt, rule, x.dtype)
     consts = (fmt, rule)
+    if _two_pass(compiled, x):
+        direct = out is not None and padded_shape == x.shape
+        buf = (
+            out.view(xb.shape) if direct else torch.empty(xb.shape, dtype=x.dtype, device=x.device)
+        )
+        inv, scale = _compiled(two_pass.fake_scales, *consts, x.dtype)(xb, *consts)
+        _compiled(two_pass.fake_apply, *consts, x.dtype)(xb, inv, scale, *consts, buf)
+        if direct:
+            return out
+        result = _unpad(buf.reshape(padded_shape), dim, size)
+        return result if out is None else out.copy_(result)
     if out is not None and padded_shape == x.shape:
         fn(xb, *consts, out=out.view(xb.shape))
         return out
