@@ -43,7 +43,25 @@ _EXPORTS: dict[str, str] = {
     "convert_model": "mxfp8.layers.convert",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = [  # the names of _EXPORTS, spelled out for tools that read __all__ statically
+    "DelayedScaling",
+    "E4M3",
+    "E5M2",
+    "ElemFormat",
+    "MXLinear",
+    "MXTensor",
+    "Recipe",
+    "ScaleRule",
+    "TensorwiseFP8",
+    "__version__",
+    "convert_model",
+    "dequantize",
+    "fake_quantize",
+    "list_recipes",
+    "quantize",
+    "quantize_tensorwise",
+    "recipe",
+]
 
 
 def __getattr__(name: str) -> Any:
