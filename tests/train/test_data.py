@@ -225,8 +225,9 @@ def require_dist(name: str, hint: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def builtin_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("builtin-cache")
+def builtin_cache(data_cache):
+    """The session's prepared Shakespeare (tests/train/conftest.py): tokenized once per run."""
+    return data_cache
 
 
 @pytest.fixture(scope="session")

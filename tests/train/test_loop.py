@@ -146,3 +146,13 @@ def test_every_run_gets_the_stats_hooks_with_its_config(tmp_path):
     telemetry, divergence = _auto_hooks(cfg, tmp_path)  # telemetry first: events can use it
     assert isinstance(telemetry, TelemetryHook) and telemetry.every == 3
     assert isinstance(divergence, DivergenceHook)
+
+
+def test_resume_with_another_seed_is_refused(tmp_path, data_cache):
+    """Batches are f(seed, step): continuing a run under another seed would change its data."""
+    over = {"run.steps": 4, "run.stop_after": 2}
+    train(small_cfg(tmp_path, data_cache, **over))
+    with pytest.raises(ValueError, match="data position"):
+        train(
+            small_cfg(tmp_path, data_cache, **{"run.steps": 4, "run.resume": True, "run.seed": 7})
+        )

@@ -35,8 +35,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def demo_dir() -> Path:
-    """A fresh comparison directory: ``runs/demo-<timestamp>``."""
-    return Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    """A fresh comparison directory: ``runs/demo-<timestamp>`` (``-2``, ``-3``... if taken)."""
+    base = Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
 
 
 def run_demo(out: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> int:

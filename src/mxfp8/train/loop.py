@@ -126,6 +126,13 @@ def train(cfg: TrainConfig, *, hooks: list[TrainHook] | tuple = ()) -> RunResult
             load_scaling_state_dict(model, state["scaling"])
         ckpt.set_rng_state(state["rng"])
         start, tokens, train_time = state["step"], state["tokens"], state["train_time_s"]
+        position = state["data"]  # batches are f(seed, step): the position is that pair
+        if position != {"seed": run.seed, "next_step": start}:
+            raise ValueError(
+                f"checkpoint {latest} was written at data position {position}, but this run "
+                f"would continue at seed {run.seed}, step {start}: resume with the run's own "
+                f"config (mxfp8 train --resume --out {run_dir})"
+            )
         _say(cfg, f"resumed from {latest} at step {start}")
     (run_dir / "config.toml").write_text(cfg.to_toml())
 

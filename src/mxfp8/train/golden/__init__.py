@@ -23,7 +23,7 @@ RECIPES = ("bf16", "mxfp8")
 STEPS = 20
 THREADS = 1
 COMPARED = ("loss", "grad_norm", "lr", "val_loss")
-ENV_KEYS = ("torch", "cpu_capability", "threads", "machine")
+ENV_KEYS = ("torch", "tokenizers", "cpu_capability", "threads", "machine")
 
 TOLERANCE: dict[str, float | None] = {"loss": 5e-3, "val_loss": 5e-3, "lr": 0.0, "grad_norm": None}
 """Allowed |difference| per step when the environment differs from the recorded one
