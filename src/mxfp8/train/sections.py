@@ -104,9 +104,9 @@ class LossScaleConfig:
 class RunConfig:
     """Length, batch shape, logging, evaluation and checkpoint cadence of a run."""
 
-    steps: int = opt(32, "planned number of optimizer steps; the schedule spans them")
+    steps: int = opt(120, "planned number of optimizer steps; the schedule spans them")
     batch_size: int = opt(8, "sequences per micro-batch")
-    seq_len: int = opt(64, "tokens per sequence")
+    seq_len: int = opt(128, "tokens per sequence")
     grad_accum: int = opt(1, "micro-batches per optimizer step (ignored if tokens_per_step)")
     tokens_per_step: int = opt(
         0, "tokens per optimizer step; if > 0, grad_accum = tokens_per_step / (batch * seq_len)"
@@ -116,7 +116,7 @@ class RunConfig:
     resume: bool = opt(False, "continue from the latest checkpoint in `out`")
     stop_after: int = opt(0, "end this process after K steps, with a checkpoint (0 = never)")
     log_every: int = opt(5, "write metrics every N steps")
-    eval_every: int = opt(16, "validate every N steps and at the end (0 = only at the end)")
+    eval_every: int = opt(40, "validate every N steps and at the end (0 = only at the end)")
     eval_batches: int = opt(4, "validation batches per evaluation")
     ckpt_every: int = opt(0, "checkpoint every N steps (0 = only at the end / at stop_after)")
     keep_last: int = opt(2, "checkpoints kept on disk (older ones are deleted)")
