@@ -7,7 +7,6 @@ import random
 import re
 
 import pytest
-import torch
 
 from mxfp8.cli.demo import demo_dir, run_demo
 from mxfp8.cli.main import main
@@ -19,14 +18,6 @@ TINY = {
     "run.batch_size": 2, "run.seq_len": 32, "run.eval_batches": 1, "run.progress": False,
     "run.compile_quantize": False,
 }  # fmt: skip
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_demo_compares_the_default_recipes_and_prints_table_and_report(

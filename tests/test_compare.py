@@ -6,12 +6,12 @@ import json
 import random
 
 import pytest
-import torch
 
 from mxfp8.cli.main import main
 from mxfp8.compare import default_telemetry_every
 from mxfp8.train.config import load_config
 from mxfp8.train.data import DataConfig, prepare_data
+from mxfp8.train.golden import torch_threads
 
 SMALL = [
     "--steps", "8", "--model.n_layers", "2", "--model.d_model", "64", "--model.n_heads", "2",
@@ -37,11 +37,8 @@ def cache(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here compares training numbers: one torch thread (tests/conftest.py)."""
 
 
 def _args(out, cache, *extra):
@@ -56,12 +53,8 @@ def _losses(run_dir):
 @pytest.fixture(scope="module")
 def comparison(tmp_path_factory, cache):
     out = tmp_path_factory.mktemp("cmp")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the tests below: same thread count, same numbers
-    try:
+    with torch_threads(1):  # as in the tests below: same thread count, same numbers
         assert main(_args(out, cache, "--recipes", "bf16,mxfp8-floor")) == 0
-    finally:
-        torch.set_num_threads(threads)
     return out
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from mxfp8.train import golden
 
@@ -11,12 +10,8 @@ from mxfp8.train import golden
 @pytest.mark.parametrize("recipe", golden.RECIPES)
 def test_golden_curve(recipe, tmp_path, data_cache):
     metrics = golden.run_golden(recipe, tmp_path, cache_dir=data_cache)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(golden.THREADS)
-    try:
+    with golden.torch_threads(golden.THREADS):
         env = golden.environment()
-    finally:
-        torch.set_num_threads(threads)
     exact, problems = golden.compare(recipe, metrics, env)
     assert not problems, (
         f"{recipe} curve differs from {golden.golden_path(recipe).name} "

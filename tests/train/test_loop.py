@@ -16,11 +16,8 @@ from mxfp8.train.runlog import TIMING_KEYS, read_metrics
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here compares training numbers: one torch thread (tests/conftest.py)."""
 
 
 def small_cfg(out, cache, recipe="bf16", **over):

@@ -12,9 +12,11 @@ Regenerate after an intended numerics change with ``python -m mxfp8.train.golden
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,19 +87,26 @@ def environment() -> dict[str, Any]:
     }
 
 
-def run_golden(recipe: str, workdir: str | Path, cache_dir: str | Path = "") -> list[dict]:
-    """Run the golden config of ``recipe`` in ``workdir`` with THREADS threads; its metrics."""
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch threads (CPU results depend on it), then restore."""
     import torch
 
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_golden(recipe: str, workdir: str | Path, cache_dir: str | Path = "") -> list[dict]:
+    """Run the golden config of ``recipe`` in ``workdir`` with THREADS threads; its metrics."""
     from mxfp8.train.loop import train
     from mxfp8.train.runlog import read_metrics
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    try:
+    with torch_threads(THREADS):
         result = train(golden_config(recipe, Path(workdir) / recipe, cache_dir))
-    finally:
-        torch.set_num_threads(threads)
     return [{k: m[k] for k in ("step", *COMPARED) if k in m} for m in read_metrics(result.run_dir)]
 
 
@@ -138,10 +147,8 @@ def regen(recipes=RECIPES, workdir: str | Path | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for recipe in recipes:
             metrics = run_golden(recipe, workdir or tmp)
-            import torch
-
-            torch.set_num_threads(THREADS)
-            env = environment()
+            with torch_threads(THREADS):
+                env = environment()
             body = {"recipe": recipe, "overrides": OVERRIDES, "environment": env,
                     "metrics": metrics}  # fmt: skip
             golden_path(recipe).write_text(json.dumps(body, indent=1) + "\n")
