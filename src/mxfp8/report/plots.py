@@ -169,26 +169,42 @@ def _layers_and_steps(rows: Sequence[dict]) -> tuple[list[str], list[int]]:
     return list(layers), sorted(steps)
 
 
-def numerics_heatmap(run: RunData, metric: str) -> Plot | None:
-    """Layer x step heatmaps of one numerics metric, one panel per quantized operand."""
-    title, cmap = HEATMAP_METRICS[metric]
+PANELS_PER_ROW = 3
+
+
+def _operand_panels(run: RunData, keep) -> list[tuple[str, str, list[dict]]]:
+    """``(gemm, operand, rows)`` for each quantized operand having numerics rows that ``keep``."""
     panels = []
     for gemm, operand in OPERANDS:
         rows = [
             r
             for r in run.numerics
-            if r.get("gemm") == gemm and r.get("operand") == operand and metric in r
+            if r.get("gemm") == gemm and r.get("operand") == operand and keep(r)
         ]
         if rows:
             panels.append((gemm, operand, rows))
+    return panels
+
+
+def _panel_grid(n: int, panel_height: float) -> tuple[Figure, np.ndarray]:
+    """A figure with ``n`` panels, PANELS_PER_ROW a row; the axes flattened, spares hidden."""
+    ncols = min(PANELS_PER_ROW, n)
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=(5.2 * ncols, panel_height * nrows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes
+
+
+def numerics_heatmap(run: RunData, metric: str) -> Plot | None:
+    """Layer x step heatmaps of one numerics metric, one panel per quantized operand."""
+    title, cmap = HEATMAP_METRICS[metric]
+    panels = _operand_panels(run, lambda r: metric in r)
     if not panels:
         return None
     layers, _ = _layers_and_steps([r for _, _, rows in panels for r in rows])
-    ncols = min(3, len(panels))
-    nrows = math.ceil(len(panels) / ncols)
-    height = max(2.5, 0.18 * len(layers) + 1.2)
-    fig = Figure(figsize=(5.2 * ncols, height * nrows), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    fig, axes = _panel_grid(len(panels), max(2.5, 0.18 * len(layers) + 1.2))
     for k, (ax, (gemm, operand, rows)) in enumerate(zip(axes, panels, strict=False)):
         _, steps = _layers_and_steps(rows)
         li = {name: i for i, name in enumerate(layers)}
@@ -203,13 +219,11 @@ def numerics_heatmap(run: RunData, metric: str) -> Plot | None:
         fig.colorbar(image, ax=ax, pad=0.01)
         ax.set_title(f"{gemm} / {operand}", fontsize=9)
         # layer names only on the left column: the panels share rows
-        labels = layers if k % ncols == 0 else [""] * len(layers)
+        labels = layers if k % PANELS_PER_ROW == 0 else [""] * len(layers)
         ax.set_yticks(range(len(layers)), labels, fontsize=max(4, 8 - len(layers) // 20))
         ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 6)).round().astype(int))
         ax.set_xticks(ticks, [str(steps[t]) for t in ticks], fontsize=7)
         ax.set_xlabel("step", fontsize=8)
-    for ax in axes[len(panels) :]:
-        ax.set_visible(False)
     fig.suptitle(f"{run.name}: {title}")
     return Plot(f"{run.name}_{metric}", f"{run.name}: {title}", _render(fig))
 
@@ -227,21 +241,10 @@ def _exp_hist(rows: Sequence[dict]) -> dict[int, int]:
 def scale_histograms(run: RunData) -> Plot | None:
     """Block-scale exponents of each operand, summed over layers, at the first and last
     telemetry step: a drift of the distribution shows how the tensors' ranges moved."""
-    panels = []
-    for gemm, operand in OPERANDS:
-        rows = [
-            r
-            for r in run.numerics
-            if r.get("gemm") == gemm and r.get("operand") == operand and r.get("scale_exp_hist")
-        ]
-        if rows:
-            panels.append((gemm, operand, rows))
+    panels = _operand_panels(run, lambda r: bool(r.get("scale_exp_hist")))
     if not panels:
         return None
-    ncols = min(3, len(panels))
-    nrows = math.ceil(len(panels) / ncols)
-    fig = Figure(figsize=(5.2 * ncols, 3.2 * nrows), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    fig, axes = _panel_grid(len(panels), 3.2)
     for ax, (gemm, operand, rows) in zip(axes, panels, strict=False):
         steps = sorted({int(r.get("step", 0)) for r in rows})
         chosen = [steps[0]] if len(steps) == 1 else [steps[0], steps[-1]]
@@ -268,8 +271,6 @@ def scale_histograms(run: RunData) -> Plot | None:
         ax.set_ylabel("% of blocks", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in axes[len(panels) :]:
-        ax.set_visible(False)
     fig.suptitle(f"{run.name}: block scale exponents (all layers)")
     return Plot(f"{run.name}_scale_exp", f"{run.name}: block scale exponents", _render(fig))
 
@@ -277,24 +278,12 @@ def scale_histograms(run: RunData) -> Plot | None:
 def tensorwise_scales(run: RunData) -> Plot | None:
     """log2 of the per-tensor scale over steps, one line per layer, per operand: for the
     per-tensor recipes, which have one scale per tensor instead of block scales."""
-    panels = []
-    for gemm, operand in OPERANDS:
-        rows = [
-            r
-            for r in run.numerics
-            if r.get("gemm") == gemm
-            and r.get("operand") == operand
-            and isinstance(r.get("scale"), int | float)
-            and r["scale"] > 0
-        ]
-        if rows:
-            panels.append((gemm, operand, rows))
+    panels = _operand_panels(
+        run, lambda r: isinstance(r.get("scale"), int | float) and r["scale"] > 0
+    )
     if not panels:
         return None
-    ncols = min(3, len(panels))
-    nrows = math.ceil(len(panels) / ncols)
-    fig = Figure(figsize=(5.2 * ncols, 3.2 * nrows), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    fig, axes = _panel_grid(len(panels), 3.2)
     for ax, (gemm, operand, rows) in zip(axes, panels, strict=False):
         by_layer: dict[str, list[tuple[int, float]]] = defaultdict(list)
         for r in rows:
@@ -306,8 +295,6 @@ def tensorwise_scales(run: RunData) -> Plot | None:
         ax.set_xlabel("step", fontsize=8)
         ax.set_ylabel("log2(scale)", fontsize=8)
         ax.grid(alpha=0.3)
-    for ax in axes[len(panels) :]:
-        ax.set_visible(False)
     fig.suptitle(f"{run.name}: per-tensor scales (one line per layer)")
     return Plot(f"{run.name}_tensor_scale", f"{run.name}: per-tensor scales", _render(fig))
 
