@@ -19,6 +19,7 @@ import torch
 
 from mxfp8.layers.convert import convert_model
 from mxfp8.layers.recipe import recipe
+from mxfp8.layers.step import step_window
 from mxfp8.train.model import Transformer, model_config
 
 MODES_HELP = (
@@ -45,9 +46,10 @@ def make_step(model_name: str, recipe_name: str, mode: str, batch: int, seq: int
 
     def step() -> float:
         t = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            _, loss = fn(x, y)
-        loss.backward()
+        with step_window(model):  # one micro-batch per step, as the training loop does
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                _, loss = fn(x, y)
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t

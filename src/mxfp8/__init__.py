@@ -41,6 +41,7 @@ _EXPORTS: dict[str, str] = {
     "list_recipes": "mxfp8.layers.recipe",
     "MXLinear": "mxfp8.layers.linear",
     "convert_model": "mxfp8.layers.convert",
+    "step_window": "mxfp8.layers.step",
 }
 
 __all__ = [  # the names of _EXPORTS, spelled out for tools that read __all__ statically
@@ -61,6 +62,7 @@ __all__ = [  # the names of _EXPORTS, spelled out for tools that read __all__ st
     "quantize",
     "quantize_tensorwise",
     "recipe",
+    "step_window",
 ]
 
 
@@ -81,6 +83,7 @@ if TYPE_CHECKING:  # static type checkers see the real names
     from mxfp8.layers.convert import convert_model
     from mxfp8.layers.linear import MXLinear
     from mxfp8.layers.recipe import Recipe, list_recipes, recipe
+    from mxfp8.layers.step import step_window
     from mxfp8.numerics.formats import E4M3, E5M2, ElemFormat, ScaleRule
     from mxfp8.numerics.quantize import dequantize, fake_quantize, quantize
     from mxfp8.numerics.tensor import MXTensor

@@ -26,26 +26,13 @@ from typing import Any
 from mxfp8.report.html import write_report
 from mxfp8.report.loader import COMPARISON_INDEX
 from mxfp8.train.config import ConfigError, TrainConfig, load_config
+from mxfp8.train.resume import config_changes, describe_changes
 
 DEFAULT_RECIPES = ("bf16", "mxfp8")
 DEFAULT_TELEMETRY_EVERY = 100  # overhead measured at 2-4.5 % of training time (performance.md)
 MIN_TELEMETRY_POINTS = 4  # short runs sample more often, so the heatmaps have columns
 DEFAULT_CKPT_EVERY = 100  # so that an interrupted comparison loses at most this many steps
 
-# run fields that do not change what a run computes (left out of the same-config check)
-_VOLATILE_RUN_FIELDS = (
-    "out",
-    "resume",
-    "stop_after",
-    "progress",
-    "log_every",
-    "ckpt_every",
-    "keep_last",
-    "device",
-    "compile",
-    "compile_quantize",
-    "telemetry_every",
-)
 # files a run writes; removed before a fresh restart of a run that has no checkpoint
 _RUN_FILES = ("metrics.jsonl", "numerics.jsonl", "events.jsonl", "summary.json")
 
@@ -57,15 +44,6 @@ class CompareError(RuntimeError):
 def default_telemetry_every(steps: int) -> int:
     """Every 100 steps, or often enough to give at least 4 telemetry steps in a short run."""
     return max(1, min(DEFAULT_TELEMETRY_EVERY, steps // MIN_TELEMETRY_POINTS))
-
-
-def _fingerprint(cfg: TrainConfig) -> dict[str, Any]:
-    """What must match between a run on disk and the run we would start."""
-    d = cfg.to_dict()
-    d["run"] = {k: v for k, v in d["run"].items() if k not in _VOLATILE_RUN_FIELDS}
-    # the loop records the tokenizer's vocab size as a model override when none was given
-    d["model"] = {k: v for k, v in d["model"].items() if k != "vocab_size"}
-    return d
 
 
 @dataclass
@@ -85,22 +63,22 @@ class CompareResult:
 
 
 def _state(run_dir: Path, cfg: TrainConfig) -> str:
-    from mxfp8.train.checkpoint import latest_checkpoint
+    from mxfp8.train.checkpoint import latest_intact_checkpoint
 
     saved = run_dir / "config.toml"
     if saved.is_file():
-        theirs = load_config(saved)
-        if _fingerprint(theirs) != _fingerprint(cfg):
+        changes = config_changes(load_config(saved), cfg)  # the rule --resume applies
+        if changes:
             raise CompareError(
-                f"{run_dir} holds a run with a different config (compare "
-                f"{saved} with the options given); use another --out or remove it"
+                f"{run_dir} holds a run with a different config ({describe_changes(changes)}); "
+                "use another --out or remove it"
             )
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
         if summary.get("steps") == cfg.run.steps:
             return "done"
-    if latest_checkpoint(run_dir) is not None:
+    if latest_intact_checkpoint(run_dir)[0] is not None:
         return "resume"
     return "fresh"
 
@@ -144,7 +122,7 @@ def _say(text: str) -> None:
 
 def compare(base: TrainConfig, recipes: Sequence[str], out: str | Path) -> CompareResult:
     """Run (or resume, or skip) each recipe, then write ``out/report.html``."""
-    from mxfp8.train.loop import train
+    from mxfp8.train.loop import RunComplete, train
 
     out = Path(out)
     plans = plan(base, recipes, out)
@@ -165,6 +143,9 @@ def compare(base: TrainConfig, recipes: Sequence[str], out: str | Path) -> Compa
         _say(f"{head}: {verb} ({p.cfg.run.steps} steps) in {run_dir}")
         try:
             r = train(p.cfg)
+        except RunComplete:  # its final checkpoint was there, summary.json now is too
+            result.done.append(p.recipe)
+            continue
         except Exception as exc:  # one failed recipe must not lose the others
             traceback.print_exc()
             result.failed[p.recipe] = f"{type(exc).__name__}: {exc}"

@@ -81,7 +81,20 @@ def test_dims_not_divisible_by_block_are_kept_with_reason():
     assert kept["layers.0.feed_forward.w1"] == "out_features=80 is not a multiple of block_size 32"
     assert kept["layers.0.feed_forward.w2"] == "in_features=80 is not a multiple of block_size 32"
     assert "layers.0.attention.wq" in model.mxfp8_report.converted
-    convert_model(Toy(d=64, hidden=80), recipe("fp8-tensorwise"))  # no block constraint
+    for i in range(2):  # kept as plain nn.Linear (MXLinear itself would refuse these dims)
+        for m in ("w1", "w2", "w3"):
+            assert type(getattr(model.layers[i].feed_forward, m)) is nn.Linear
+        assert f"layers.{i}.feed_forward.w3" in kept
+    text = str(model.mxfp8_report)
+    assert "keep    layers.0.feed_forward.w1" in text and "not a multiple of block_size" in text
+    x = torch.randn(3, 64)
+    ff = model.layers[0].feed_forward
+    ff.w2(ff.w1(x)).sum().backward()  # the mixed model runs
+    with pytest.raises(ValueError, match="'layers.0.feed_forward.w1'.*out_features=80"):
+        MXLinear.from_linear(ff.w1, recipe("mxfp8"), name="layers.0.feed_forward.w1")
+    tw = Toy(d=64, hidden=80)
+    convert_model(tw, recipe("fp8-tensorwise"))  # no block constraint
+    assert isinstance(tw.layers[0].feed_forward.w1, MXLinear)
 
 
 def test_patterns_and_bf16_recipe():

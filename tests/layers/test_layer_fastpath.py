@@ -16,6 +16,7 @@ import torch
 from mxfp8.layers.gemm import EmulatedBackend
 from mxfp8.layers.linear import MXLinear
 from mxfp8.layers.recipe import recipe
+from mxfp8.layers.step import step_window
 
 M, K, N = 64, 64, 64  # one shape for x and dy: one compile of the shared kernel
 
@@ -33,12 +34,15 @@ def _run(name: str, compiled: bool, autocast: bool, two_forwards: bool = False):
         layer.bias.copy_(_wide((N,), 6))
     xs = [_wide((M, K), s).requires_grad_(True) for s in (2, 3)]
     dys = [_wide((M, N), s) for s in (4, 5)]
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        if two_forwards:  # the saved wgrad copy of x must not live in a reused buffer
-            ys = [layer(x) for x in xs]
-        else:
-            ys = [layer(xs[0])]
-    sum((y * dy.to(y.dtype)).sum() for y, dy in zip(ys, dys, strict=False)).backward()
+    # in a step window, as training runs it: the weight's two copies come from the shared
+    # kernel too (outside a window each GEMM quantizes the weight on its own, uncached)
+    with step_window(layer):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if two_forwards:  # the saved wgrad copy of x must not live in a reused buffer
+                ys = [layer(x) for x in xs]
+            else:
+                ys = [layer(xs[0])]
+        sum((y * dy.to(y.dtype)).sum() for y, dy in zip(ys, dys, strict=False)).backward()
     return [y.detach() for y in ys] + [x.grad for x in xs[: len(ys)]] + [layer.weight.grad]
 
 
@@ -90,27 +94,33 @@ def test_compiled_pair_path_other_recipes(name):
 
 
 def test_compiled_weight_pair_cached_across_micro_batches():
-    """Both weight copies come from one shared pass at the first forward of a step, are
-    reused by every micro-batch, and are remade after an in-place update."""
+    """Inside a step window, both weight copies come from one shared pass at the first
+    forward, are reused by every micro-batch, and are remade in the next window after a
+    write (even one through ``.data``, which bumps no version counter)."""
     fast = MXLinear(K, N, bias=False, compile_quantize=True)
     ref = MXLinear(K, N, bias=False)
     ref.cache_weights = False
     with torch.no_grad():
         fast.weight.copy_(_wide((N, K), 7))
         ref.weight.copy_(fast.weight)
-    for micro in range(2):
-        grads = []
-        for layer in (fast, ref):
-            x = _wide((M, K), 10 + micro).requires_grad_(True)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                y = layer(x)
-            y.backward(_wide((M, N), 20 + micro).to(y.dtype))
-            grads.append((y.detach(), x.grad))
-        for a, b in zip(*grads, strict=True):
-            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    with step_window(fast):
+        for micro in range(2):
+            grads = []
+            for layer in (fast, ref):
+                x = _wide((M, K), 10 + micro).requires_grad_(True)
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    y = layer(x)
+                y.backward(_wide((M, N), 20 + micro).to(y.dtype))
+                grads.append((y.detach(), x.grad))
+            for a, b in zip(*grads, strict=True):
+                assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
     assert torch.equal(fast.weight.grad, ref.weight.grad)
     assert fast.weight_quantizations == 2  # W along K and W^T along N, once for the step
-    with torch.no_grad():
-        fast.weight.mul_(2)
-    fast(torch.zeros(M, K))
+    fast.weight.data.mul_(2)
+    ref.weight.data.mul_(2)
+    x = _wide((M, K), 30)
+    with step_window(fast), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fast(x)
     assert fast.weight_quantizations == 4
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(y.view(torch.uint8), ref(x).view(torch.uint8))

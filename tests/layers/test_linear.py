@@ -1,13 +1,17 @@
-"""MXLinear as a module: drop-in behaviour, accuracy floors, weight cache, observer, autocast."""
+"""MXLinear as a module: drop-in behaviour, accuracy floors, weight cache, observer, names,
+padded wgrad, dims checks."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from mxfp8.layers.convert import convert_model
 from mxfp8.layers.linear import MXLinear
 from mxfp8.layers.recipe import list_recipes, recipe
+from mxfp8.layers.step import step_window
 from mxfp8.numerics.quantize import quantize
 from mxfp8.numerics.tensor import MXTensor
 from mxfp8.numerics.tensorwise import TensorwiseFP8
@@ -94,6 +98,9 @@ def test_sqnr_floor_per_recipe(name):
 
 @pytest.mark.parametrize("name", ["mxfp8", "fp8-tensorwise"])
 def test_weight_cache_across_micro_batches(name):
+    """Gradient accumulation inside step windows: the weight is quantized once per step and
+    every micro-batch is bit-identical to a layer without cache; after the window, a write
+    through ``.data`` (which bumps no version counter) is seen by the next forward."""
     x, w, dy = _data(2)
     _, mx = _pair(name, w)
     opt = torch.optim.SGD(mx.parameters(), lr=0.1)
@@ -103,21 +110,24 @@ def test_weight_cache_across_micro_batches(name):
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     per_step = 2 if name == "mxfp8" else 1  # MX: W along K and W^T along N; per-tensor: one
     for step in range(2):
-        for micro in range(3):  # gradient accumulation
-            xs = x[micro * 64 : (micro + 1) * 64]
-            a = _grads(mx, xs, dy[: xs.shape[0]])
-            b = _grads(ref, xs, dy[: xs.shape[0]])
-            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        with step_window(mx):
+            for micro in range(3):  # gradient accumulation
+                xs = x[micro * 64 : (micro + 1) * 64]
+                a = _grads(mx, xs, dy[: xs.shape[0]])
+                b = _grads(ref, xs, dy[: xs.shape[0]])
+                assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
         assert mx.weight_quantizations == per_step * (step + 1)  # once per step, not per micro
         assert torch.equal(mx.weight.grad, ref.weight.grad)
         opt.step()
         ref_opt.step()
         opt.zero_grad()
         ref_opt.zero_grad()
-    with torch.no_grad():
-        mx.weight.mul_(2)  # any in-place change invalidates
-    mx(x[:32])
-    assert mx.weight_quantizations == per_step * 2 + 1
+    before = mx(x[:32])  # outside a window, after the last step: nothing is cached...
+    mx.weight.data.mul_(2)  # ...so a write that bumps no version counter cannot go stale
+    ref.weight.data.mul_(2)
+    after = mx(x[:32])
+    assert not torch.equal(before, after) and torch.equal(after, ref(x[:32]))
+    assert mx.weight_quantizations == per_step * 2 + 2  # two fprop copies, each made fresh
 
 
 def test_observer_sees_every_operand_and_changes_nothing():
@@ -150,9 +160,23 @@ def test_observer_sees_every_operand_and_changes_nothing():
         ]
     )
     assert {c[3] for c in calls} == {MXTensor}
-    mx.observer = None
-    mx.name = "layers.0.attention.wq"
-    assert "wq" in mx.name
+
+
+def test_convert_model_names_each_layer_by_its_fqn():
+    """``name`` is what telemetry and errors report: convert_model sets it to the fqn."""
+    model = nn.ModuleDict(
+        {
+            "layers": nn.ModuleList(
+                nn.ModuleDict({"wq": nn.Linear(64, 64), "w1": nn.Linear(64, 128)}) for _ in range(2)
+            ),
+            "head": nn.Linear(64, 64),
+        }
+    )
+    convert_model(model, recipe("mxfp8", convert=["*"], keep_high_precision=[]))
+    mx_names = {n for n, m in model.named_modules() if isinstance(m, MXLinear)}
+    assert mx_names == {"layers.0.wq", "layers.0.w1", "layers.1.wq", "layers.1.w1", "head"}
+    assert {m.name for m in model.modules() if isinstance(m, MXLinear)} == mx_names
+    assert all(m.name == n for n, m in model.named_modules() if isinstance(m, MXLinear))
 
 
 def test_observer_per_tensor_gets_tensorwise_objects():
@@ -164,13 +188,64 @@ def test_observer_per_tensor_gets_tensorwise_objects():
     assert len(seen) == 6 and {s[2] for s in seen} == {TensorwiseFP8}
 
 
-def test_shapes_odd_tokens_and_errors():
-    mx = MXLinear(64, 32, recipe=recipe("mxfp8"))
-    y = mx(torch.randn(3, 5, 64))  # 15 tokens: wgrad's last token block is zero-padded
-    assert y.shape == (3, 5, 32)
-    y.sum().backward()
+@pytest.mark.parametrize("tokens", [15, 47])  # 15: one partial block; 47: one full + 15
+def test_padded_wgrad_equals_zero_padded_reference(tokens):
+    """wgrad reduces over tokens; a token count that is not a multiple of 32 zero-pads the
+    last block. dW must equal dy^T and x^T quantized along tokens by the spec oracle
+    (``mxfp8.numerics.reference``) with explicit zero padding to 32, then a float matmul.
+
+    How the comparison is made exact (as in test_linear_exact.py): dy has one signed power
+    of two per token, each in its own output column, so every dW element is one product of
+    two MX values (exact in fp32) and dy^T's quantization is exact. x is dense with
+    magnitudes over 2^-32..2^4, so its blocks along tokens and along features differ: the
+    test also checks that the other axis would give other values."""
+    from mxfp8.numerics.formats import E4M3
+    from mxfp8.numerics.reference import ref_dequantize, ref_quantize
+
+    n_out = 64  # >= tokens: one token per output column
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(tokens, 64, generator=g)
+    x = x * torch.exp2(torch.randint(-32, 5, (tokens, 64), generator=g).float())
+    dy = torch.zeros(tokens, n_out)
+    cols = torch.randperm(n_out, generator=g)[:tokens]
+    sign = torch.randint(0, 2, (tokens,), generator=g).float() * 2 - 1
+    dy[torch.arange(tokens), cols] = sign * torch.exp2(
+        torch.randint(-3, 4, (tokens,), generator=g).float()
+    )
+    mx = MXLinear(64, n_out, bias=False, recipe=recipe("mxfp8"))
+    xi = x.clone().requires_grad_(True)
+    y = mx(xi.view(1, tokens, 64))
+    assert y.shape == (1, tokens, n_out)
+    y.backward(dy.view(1, tokens, n_out))
+
+    padded = -(-tokens // 32) * 32
+
+    def ref_cols(t):  # t [tokens, C] -> t^T [C, tokens] quantized along tokens, zero-padded
+        tt = np.zeros((t.shape[1], padded), dtype=np.float32)
+        tt[:, :tokens] = t.t().numpy()
+        codes, bits = ref_quantize(tt, E4M3, block_size=32, dim=-1, scale_rule="rceil")
+        deq = ref_dequantize(codes, bits, E4M3, block_size=32, dim=-1)
+        return torch.from_numpy(deq[:, :tokens])
+
+    want = (ref_cols(dy) @ ref_cols(x).T).float()  # [N, K]; float64, each entry one product
+    assert torch.equal(mx.weight.grad, want)
+    assert not torch.equal(mx.weight.grad, (dy.t() @ x).float())  # quantization shows
+    along_features = ref_cols(dy) @ quantize(x, dim=1).dequantize().double()
+    assert not torch.equal(mx.weight.grad, along_features.float())  # the axis shows
+
+
+def test_dims_not_multiple_of_block_size_name_the_layer():
     with pytest.raises(ValueError, match="in_features=48 is not a multiple of block_size 32"):
         MXLinear(48, 32, recipe=recipe("mxfp8"))
+    with pytest.raises(
+        ValueError,
+        match=r"MXLinear 'layers.3.w2' \[64->40\].*out_features=40 is not a multiple of "
+        r"block_size 16",
+    ):
+        MXLinear(64, 40, recipe=recipe("mxfp8", block_size=16), name="layers.3.w2")
+    with pytest.raises(ValueError, match="'blk.proj'.*in_features=48"):
+        MXLinear.from_linear(nn.Linear(48, 64), recipe("mxfp8"), name="blk.proj")
+    MXLinear(48, 40, recipe=recipe("fp8-tensorwise"))  # per-tensor: no block constraint
 
 
 def test_scratch_buffers_safe_with_two_forwards_before_backward():

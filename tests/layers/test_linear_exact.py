@@ -161,14 +161,45 @@ def test_column_copies_come_from_high_precision():
     assert not torch.equal(dx, (dyq @ _q(w_rows, r.dgrad_weight, 0, r).dequantize(d)).float())
 
 
-def test_bias_and_output_in_high_precision():
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast-bf16"])
+def test_bias_added_in_high_precision_after_the_gemm(autocast):
+    """y = GEMM(quantized x, quantized W) + bias, the bias in the output dtype, never
+    quantized. x and W are permutations (configuration dense-w's x), so each GEMM output is
+    one power of two in 2^-6..2^6; the bias has 12 significant bits in [128, 256): off the
+    FP8 grid and off bf16's, and large next to the GEMM outputs, so an FP8 bias (folded
+    into the GEMM's operands) or a bias added in bf16 to an fp32 output changes y. In fp32
+    the sum is exact, so y - y_without_bias is the bias itself, bit for bit."""
     r = recipe("mxfp8", convert=("*",))
-    layer = MXLinear(S, S, bias=True, recipe=r)
+    dt = torch.bfloat16 if autocast else torch.float32
+    g = torch.Generator().manual_seed(3)
+    bias = (2048 + torch.randint(0, 1024, (S,), generator=g) * 2 + 1).float() / 16
+    x, w = _perm(4), _perm(5)
+    with_bias = MXLinear(S, S, bias=True, recipe=r)
+    no_bias = MXLinear(S, S, bias=False, recipe=r)
     with torch.no_grad():
-        layer.bias.copy_(torch.randn(S) * 1e-3 + 0.1)  # not on any FP8 grid
-    x = _dense(1)
-    y = layer(x)
-    y0 = layer(x) - layer.bias
-    assert torch.equal(y, y0 + layer.bias)  # bias added in fp32 after the GEMM
-    y.sum().backward()
-    assert torch.equal(layer.bias.grad, torch.full((S,), float(S)))
+        with_bias.weight.copy_(w)
+        no_bias.weight.copy_(w)
+        with_bias.bias.copy_(bias)
+    # dy in {-1/2, 0, 1/2}: sums over the 64 tokens fit in 8 bits, exact even in bf16
+    dy = (torch.randint(-1, 2, (2, S // 2, S), generator=g).float() / 2).to(dt)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = with_bias(x.view(2, S // 2, S))
+        y0 = no_bias(x.view(2, S // 2, S))
+    assert y.dtype == y0.dtype == dt
+    assert torch.equal(y, y0 + bias.to(dt))  # one rounding, in the output dtype
+    if not autocast:
+        assert torch.equal(y - y0, bias.expand_as(y))  # exact: the bias itself
+        assert not torch.equal(bias.bfloat16().float(), bias)  # a bf16 add would show
+    fp8_bias = quantize(bias, r.fprop_weight.elem(), block_size=r.block_size).dequantize()
+    assert not torch.equal(y, y0 + fp8_bias.to(dt))  # a quantized bias would show
+    y.backward(dy)
+    assert torch.equal(with_bias.bias.grad, dy.float().sum((0, 1)))  # exact: dy.sum(tokens)
+    assert torch.equal(with_bias.weight.grad, _grad_w(no_bias, x, dy, autocast))
+
+
+def _grad_w(layer, x, dy, autocast):
+    """dW of ``layer`` for the same x and dy: the bias must not change the GEMMs."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = layer(x.view(2, S // 2, S))
+    y.backward(dy)
+    return layer.weight.grad

@@ -6,7 +6,6 @@ import tomllib
 
 import pytest
 
-from mxfp8 import _toml
 from mxfp8.layers.recipe import (
     AmaxReduce,
     Fp8Format,
@@ -87,19 +86,18 @@ def test_toml_round_trip(name):
     assert Recipe.from_toml(text) == r
 
 
-def test_toml_writer_nested_and_specials():
-    data = {
-        "a": 1,
-        "b": 0.1,
-        "c": "x\ny",
-        "flag": False,
-        "big": 1e300,
-        "lst": [1, 2],
-        "t": {"x": "y", "u": {"v": [0.5]}},
-    }
-    assert tomllib.loads(_toml.dumps(data)) == data
-    with pytest.raises(TypeError, match="unsupported type"):
-        _toml.dumps({"a": object()})
+def test_toml_round_trip_of_awkward_strings():
+    """Quotes, backslashes, newlines and non-ASCII in patterns and the description survive."""
+    r = recipe(
+        "mxfp8",
+        convert=['a"b', "c\\d", "e\nf", "é*"],
+        keep_high_precision=[],
+        description='says "hi"\tand\\more',
+    )
+    text = r.to_toml()
+    assert tomllib.loads(text) == r.to_dict()
+    back = Recipe.from_toml(text)
+    assert back == r and back.description == r.description
 
 
 @pytest.mark.parametrize(
@@ -136,6 +134,27 @@ def test_unknown_names_and_fields():
         Recipe.from_dict({"blok_size": 32})
     with pytest.raises(KeyError, match="no operand 'weight' in GEMM 'wgrad'"):
         recipe("mxfp8").fmt("wgrad", "weight")
+
+
+@pytest.mark.parametrize("name", ["mxfp8", "fp8-delayed", "bf16"])
+def test_quantize_attention_bmm_is_rejected_until_implemented(name):
+    """Accepting it would train with bf16 attention BMMs while the recipe says otherwise."""
+    with pytest.raises(ValueError, match="quantize_attention_bmm=True.*not implemented yet"):
+        recipe(name, quantize_attention_bmm=True)
+    data = {**recipe(name).to_dict(), "quantize_attention_bmm": True}
+    with pytest.raises(ValueError, match="not implemented yet"):
+        Recipe.from_dict(data)
+    text = (
+        recipe(name)
+        .to_toml()
+        .replace("quantize_attention_bmm = false", "quantize_attention_bmm = true")
+    )
+    assert "quantize_attention_bmm = true" in text
+    with pytest.raises(ValueError, match="not implemented yet"):
+        Recipe.from_toml(text)
+    with pytest.raises(ValueError, match="not implemented yet"):
+        recipe(name).replace(quantize_attention_bmm=True)
+    assert recipe(name, quantize_attention_bmm=False).quantize_attention_bmm is False
 
 
 def test_frozen():

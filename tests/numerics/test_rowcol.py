@@ -1,14 +1,16 @@
 """fake_quantize_rowcol: the shared row+column kernel equals two fake_quantize calls bit for bit.
 
-The eager ``fake_quantize`` along ``dim=-1`` and ``dim=0`` is the oracle here (it is itself
-checked against the reference on every bf16 pattern in test_bf16_sweep.py). The compiled
-kernel is what the MX linear layer uses for x and dy, so it is checked on every bf16 bit
-pattern laid out as a 256x256 matrix (row and column blocks then mix magnitudes, zeros,
-subnormals, NaN and Inf differently), and on random shapes and dtypes.
+The oracle is the independent reference quantizer (:mod:`mxfp8.numerics.reference`, numpy
+float64 from the spec): both the compiled kernel and the eager fallback (two plain
+``fake_quantize`` calls) must equal its dequantized values bit for bit. The compiled kernel
+is what the MX linear layer uses for x and dy, so it is checked on every bf16 bit pattern
+laid out as a 256x256 matrix (row and column blocks then mix magnitudes, zeros, subnormals,
+NaN and Inf differently), and on random shapes and dtypes.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -16,6 +18,7 @@ from hypothesis import strategies as st
 from numerics_helpers import assert_same_bits
 
 from mxfp8 import E4M3, E5M2, fake_quantize
+from mxfp8.numerics.reference import ref_dequantize, ref_quantize
 from mxfp8.numerics.rowcol import fake_quantize_rowcol
 
 
@@ -32,10 +35,24 @@ def _sweep_matrices() -> dict[str, torch.Tensor]:
     }
 
 
-def _check(x: torch.Tensor, fmt, rule: str, compiled: bool = True) -> None:
-    row, col = fake_quantize_rowcol(x, fmt, scale_rule=rule, compiled=compiled)
-    assert_same_bits(row, fake_quantize(x, fmt, scale_rule=rule, dim=-1))
-    assert_same_bits(col, fake_quantize(x, fmt, scale_rule=rule, dim=0))
+def _reference(x: torch.Tensor, fmt, rule: str, dim: int, dtype=None) -> torch.Tensor:
+    """The reference quantizer's values along ``dim``, in ``dtype`` (default x's).
+
+    float64 -> fp32 is exact (at most 4 significant bits), except that near the top of the
+    fp32 range a block max may round up to 2^128, which is inf in fp32 (as in the fast
+    path); fp32 -> bf16/fp16 is then one RNE cast, like the kernels' final cast."""
+    codes, bits = ref_quantize(x.float().numpy(), fmt, scale_rule=rule, dim=dim)
+    with np.errstate(over="ignore"):
+        values = ref_dequantize(codes, bits, fmt, dim=dim).astype(np.float32)
+    return torch.from_numpy(values).to(x.dtype if dtype is None else dtype)
+
+
+def _check(x: torch.Tensor, fmt, rule: str, compiled: bool = True, out=None) -> None:
+    row, col = fake_quantize_rowcol(x, fmt, scale_rule=rule, compiled=compiled, out=out)
+    assert_same_bits(row, _reference(x, fmt, rule, dim=-1))
+    assert_same_bits(col, _reference(x, fmt, rule, dim=0))
+    if out is not None:
+        assert row is out[0] and col is out[1]
 
 
 def test_rowcol_bf16_sweep_default_recipe():
@@ -75,12 +92,28 @@ def test_rowcol_random_shapes(rows, cols, dtype, fmt, seed, special):
     _check(x.to(dtype), fmt, "rceil")
 
 
-def test_rowcol_eager_fallback_and_out_buffers():
-    x = torch.randn(64, 96, generator=torch.Generator().manual_seed(0))
-    out = (torch.empty_like(x), torch.empty_like(x))
-    got = fake_quantize_rowcol(x, E5M2, scale_rule="floor", out=out)
-    assert got[0] is out[0] and got[1] is out[1]
-    _check(x, E5M2, "floor", compiled=False)
+def _specials(seed: int) -> torch.Tensor:
+    """64x96, magnitudes over 2^+-20 per row, a NaN, an Inf, a zero block, a subnormal and a
+    block max with mantissa above 1.75 (floor saturates it)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 96, generator=g) * torch.exp2(
+        torch.randint(-20, 20, (64, 1), generator=g).float()
+    )
+    x[0, 3], x[40, 50], x[7, 7] = float("nan"), float("-inf"), 1e-40
+    x[32:64, :32] = 0
+    x[20, 70] = 1.9 * x[20].abs().max()
+    return x
+
+
+@pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=["E4M3", "E5M2"])
+@pytest.mark.parametrize("rule", ["rceil", "floor"])
+def test_rowcol_eager_fallback_matches_the_reference(fmt, rule):
+    """``compiled=False``: two fake_quantize calls, against the reference, not themselves."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        _check(_specials(0).to(dtype), fmt, rule, compiled=False)
+    _check(_sweep_matrices()["shuffled"], fmt, rule, compiled=False)  # every bf16 pattern
+    x = _specials(1)
+    _check(x, fmt, rule, compiled=False, out=(torch.empty_like(x), torch.empty_like(x)))
 
 
 def test_rowcol_rejects_unaligned_shapes():
@@ -97,3 +130,4 @@ def test_rowcol_fp32_input_bf16_output():
     assert row.dtype == col.dtype == torch.bfloat16
     assert_same_bits(row, fake_quantize(x, dim=-1).bfloat16())
     assert_same_bits(col, fake_quantize(x, dim=0).bfloat16())
+    assert_same_bits(row, _reference(x, E4M3, "rceil", dim=-1, dtype=torch.bfloat16))

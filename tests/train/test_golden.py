@@ -1,9 +1,18 @@
-"""Golden loss curves of a 20-step deterministic run (bf16 and mxfp8); see train/golden."""
+"""Golden loss curves of a 20-step deterministic run (bf16 and mxfp8); see train/golden.
+
+The curves are exact only where they were recorded; the weight-operand fingerprint is exact
+on any machine and tells the rceil recipe (mxfp8) from floor (mxfp8-floor).
+"""
 
 from __future__ import annotations
 
+import hashlib
+
+import numpy as np
 import pytest
 
+from mxfp8.numerics.formats import E4M3
+from mxfp8.numerics.reference import ref_quantize
 from mxfp8.train import golden
 
 
@@ -40,3 +49,68 @@ def test_compare_detects_a_change():
     assert not exact and not problems  # within the documented tolerance
     bumped[7]["loss"] += 0.1
     assert golden.compare("mxfp8", bumped, other_env)[1]
+
+
+def _stored_fingerprint() -> dict:
+    return golden.load(golden.FINGERPRINT_FILE)[golden.FINGERPRINT_KEY]
+
+
+@pytest.fixture(scope="module")
+def fingerprint() -> dict:
+    return golden.operand_fingerprint()
+
+
+def test_weight_operand_fingerprint_is_exact_on_any_machine(fingerprint):
+    """mxfp8 matches its own digests and mxfp8-floor its own, bit for bit, anywhere."""
+    want = _stored_fingerprint()
+    for recipe in golden.FINGERPRINT_RECIPES:
+        assert fingerprint["recipes"][recipe] == want["recipes"][recipe], (
+            f"{recipe}: the first step's quantized weight operands changed (regenerate with "
+            "`python -m mxfp8.train.golden --recipes mxfp8 --operands-only` only for an "
+            "intended numerics change)"
+        )
+    assert fingerprint == want
+
+
+def test_weight_operand_fingerprint_tells_rceil_from_floor():
+    want = _stored_fingerprint()
+    rceil, floor = (want["recipes"][r] for r in golden.FINGERPRINT_RECIPES)
+    for gemm in golden.FINGERPRINT_GEMMS:
+        assert rceil[gemm]["scale_sha256"] != floor[gemm]["scale_sha256"]
+        assert rceil[gemm]["data_sha256"] != floor[gemm]["data_sha256"]
+        assert 0 < want["scale_blocks_differ"][gemm] < want["scale_blocks"][gemm]
+
+
+def test_weight_operand_fingerprint_is_the_reference_quantization():
+    """The stored digests, recomputed from the spec's reference quantizer on the fingerprint
+    weights; and the rceil/floor difference counted from the block maxima by hand: the
+    rules pick different scales exactly where the amax mantissa is above 1.75."""
+    want = _stored_fingerprint()
+    model = golden.fingerprint_model("mxfp8")
+    modules = dict(model.named_modules())
+    weights = {n: modules[n].weight.detach().numpy() for n in want["layers"]}
+    assert len(weights) == 14  # 2 blocks x (wq, wk, wv, wo, w1, w3, w2)
+    for recipe, rule in zip(golden.FINGERPRINT_RECIPES, ("rceil", "floor"), strict=True):
+        for gemm, dim in (("fprop", -1), ("dgrad", 0)):  # W along K; W^T along N = W's dim 0
+            data, scale = hashlib.sha256(), hashlib.sha256()
+            for w in weights.values():
+                codes, bits = ref_quantize(w, E4M3, scale_rule=rule, dim=dim)
+                data.update(np.ascontiguousarray(codes).tobytes())
+                scale.update(np.ascontiguousarray(bits).tobytes())
+            assert want["recipes"][recipe][gemm] == {
+                "data_sha256": data.hexdigest(),
+                "scale_sha256": scale.hexdigest(),
+            }, (recipe, gemm)
+    for gemm, axis in (("fprop", 1), ("dgrad", 0)):
+        blocks = differ = 0
+        for w in weights.values():
+            a = np.abs(w.astype(np.float64))
+            amax = (
+                a.reshape(a.shape[0], -1, 32).max(axis=2)
+                if axis
+                else a.reshape(-1, 32, a.shape[1]).max(axis=1)
+            )
+            mantissa, _ = np.frexp(amax)  # amax = mantissa * 2^k, mantissa in [0.5, 1)
+            blocks += amax.size
+            differ += int((2 * mantissa > 1.75).sum())
+        assert (blocks, differ) == (want["scale_blocks"][gemm], want["scale_blocks_differ"][gemm])

@@ -12,6 +12,7 @@ from mxfp8.train import checkpoint as ckpt
 from mxfp8.train import golden
 from mxfp8.train.config import load_config
 from mxfp8.train.loop import TrainHook, train
+from mxfp8.train.resume import ResumeError
 from mxfp8.train.runlog import TIMING_KEYS, read_metrics
 
 
@@ -127,7 +128,7 @@ def test_metrics_keys_and_existing_run_dir(tmp_path, data_cache):
     assert [x["step"] for x in m] == [2, 4] and keys | set(TIMING_KEYS) <= set(m[0])
     assert {"val_loss", "val_ppl"} <= set(m[-1])
     assert load_config(tmp_path / "config.toml").run.steps == 4
-    with pytest.raises(FileExistsError):
+    with pytest.raises(ResumeError, match="already holds a run"):
         train(cfg)
 
 
@@ -149,7 +150,7 @@ def test_resume_with_another_seed_is_refused(tmp_path, data_cache):
     """Batches are f(seed, step): continuing a run under another seed would change its data."""
     over = {"run.steps": 4, "run.stop_after": 2}
     train(small_cfg(tmp_path, data_cache, **over))
-    with pytest.raises(ValueError, match="data position"):
+    with pytest.raises(ResumeError, match="run.seed: 1234 -> 7"):
         train(
             small_cfg(tmp_path, data_cache, **{"run.steps": 4, "run.resume": True, "run.seed": 7})
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from mxfp8.errors import UserError
 from mxfp8.train.tokenizer import (
     EOT,
     encode_texts,
@@ -60,6 +61,12 @@ def test_save_and_load(tok, tmp_path):
         assert loaded.encode(CORPUS[0]).ids == tok.encode(CORPUS[0]).ids
     with pytest.raises(FileNotFoundError):
         load_tokenizer(tmp_path / "missing.json")
+
+
+def test_a_broken_tokenizer_file_names_the_file(tmp_path):
+    (tmp_path / "broken.json").write_text('{"not": "a tokenizer"')
+    with pytest.raises(UserError, match=r"broken\.json is not a tokenizer\.json that can be"):
+        load_tokenizer(tmp_path / "broken.json")
 
 
 def test_too_small_vocab_is_rejected():

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mxfp8.compare import DEFAULT_RECIPES
+from mxfp8.errors import UserError
 
 if TYPE_CHECKING:
     from mxfp8.train.config import TrainConfig
@@ -65,44 +66,60 @@ def _gap(value: float | None, base: float | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Errors are raised, not printed: ``mxfp8.cli.main`` words them (status 2)."""
     from mxfp8.cli.train import overrides_from_args
     from mxfp8.compare import with_compare_defaults
     from mxfp8.layers.recipe import list_recipes
-    from mxfp8.train.config import ConfigError, load_config
+    from mxfp8.train.config import load_config
 
     overrides = overrides_from_args(args)
     if "recipe.name" in overrides:
-        print("mxfp8 compare: error: use --recipes A,B,... (not --recipe)", file=sys.stderr)
-        return 2
+        raise UserError("use --recipes A,B,... (not --recipe)")
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     unknown = [r for r in recipes if r not in list_recipes()]
     if not recipes or unknown:
-        print(f"mxfp8 compare: error: unknown recipe(s) {unknown or recipes}; choose from "
-              f"{', '.join(list_recipes())}", file=sys.stderr)  # fmt: skip
-        return 2
+        raise UserError(
+            f"unknown recipe(s) {unknown or recipes}; choose from {', '.join(list_recipes())}"
+        )
     out = overrides.pop("run.out", None) or DEFAULT_OUT
-    try:
-        base = load_config(args.config, overrides)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"mxfp8 compare: error: {exc}", file=sys.stderr)
-        return 2
+    base = load_config(args.config, overrides)
     return compare_and_print(with_compare_defaults(base, set(overrides)), recipes, out)
+
+
+def check_can_start(base: TrainConfig, recipes: Sequence[str], out: str | Path) -> None:
+    """Raise a :class:`mxfp8.errors.UserError` now if the comparison cannot start.
+
+    :func:`mxfp8.compare.compare` keeps going when one run fails, so that one bad recipe does
+    not lose the others; bad data would fail every run alike, each with a traceback, hence it
+    is checked (and prepared, which the first run would do anyway) before any run starts.
+    Skipped when every run is already complete: then nothing reads the data.
+    """
+    from mxfp8.compare import CompareError, plan
+    from mxfp8.train.data import prepare_data, require_tokens
+
+    try:
+        plans = plan(base, recipes, Path(out))
+    except CompareError as exc:
+        raise UserError(str(exc)) from exc
+    if all(p.state == "done" for p in plans):
+        return
+    require_tokens(prepare_data(base.data), base.run.seq_len)
 
 
 def compare_and_print(base: TrainConfig, recipes: Sequence[str], out: str | Path) -> int:
     """Run :func:`mxfp8.compare.compare`, print the table of final results and the report path.
 
-    Shared by ``mxfp8 compare`` and ``mxfp8 demo``. Returns the exit status: 0, 1 when a run
-    failed, 2 when the comparison could not start (the reason is printed).
+    Shared by ``mxfp8 compare`` and ``mxfp8 demo``. Returns the exit status: 0, or 1 when a run
+    failed; a comparison that cannot start raises a :class:`mxfp8.errors.UserError` (or another
+    of :data:`mxfp8.errors.USER_ERRORS`) before any run starts.
     """
     from mxfp8.compare import CompareError, compare
-    from mxfp8.train.config import ConfigError
 
+    check_can_start(base, recipes, out)
     try:
         result = compare(base, recipes, out)
-    except (ConfigError, CompareError, FileNotFoundError) as exc:
-        print(f"mxfp8 compare: error: {exc}", file=sys.stderr)
-        return 2
+    except CompareError as exc:
+        raise UserError(str(exc)) from exc
     if result.report is not None:
         print_table(result.out)
     for name, why in result.failed.items():
@@ -115,23 +132,29 @@ def compare_and_print(base: TrainConfig, recipes: Sequence[str], out: str | Path
 
 
 def print_table(out: str | Path) -> None:
-    """Final validation loss, perplexity and gap to the bf16 run of each run in ``out``."""
+    """Final validation loss, perplexity, gap to the bf16 run, steady-state throughput and
+    wall time of each run in ``out``."""
     from mxfp8.report.html import summary_rows
     from mxfp8.report.loader import load_runs
 
     rows = summary_rows(load_runs(Path(out)))
     base_row = next((r for r in rows if r["recipe"] == "bf16"), None)
     base_val = base_row["val_loss"] if base_row else None
-    print(f"{'recipe':<20} {'steps':>6} {'val loss':>9} {'val ppl':>9} {'gap to bf16':>12}")
+    print(f"{'recipe':<20} {'steps':>6} {'val loss':>9} {'val ppl':>9} {'gap to bf16':>12} "
+          f"{'tok/s':>8} {'wall s':>7}")  # fmt: skip
     for r in rows:
         val, ppl = r["val_loss"], r["val_ppl"]
         gap = "baseline" if r is base_row else _gap(val, base_val)
+        tps, wall = r["tokens_per_s"], r["wall_time_s"]
         print(
             f"{r['run']:<20} {r['steps'] or '-':>6} "
             f"{'-' if val is None else f'{val:.4f}':>9} "
             f"{'-' if ppl is None else f'{ppl:.2f}':>9} "
-            f"{gap:>12}"
+            f"{gap:>12} {'-' if tps is None else f'{tps:.0f}':>8} "
+            f"{'-' if wall is None else f'{wall:.1f}':>7}"
         )
+    print("tok/s: steady state (each process's first compile steps left out); wall s: "
+          "wall time of the run, set-up and evaluation included")  # fmt: skip
 
 
 def unknown_option_message(option: str) -> str:

@@ -48,6 +48,8 @@ def run_demo(out: str | Path | None = None, overrides: Mapping[str, Any] | None 
     """The demo: :data:`mxfp8.compare.DEFAULT_RECIPES` under the default run config.
 
     ``overrides`` (``{"section.field": value}``, as on the command line) shrink it for tests.
+    Returns the exit status of :func:`mxfp8.cli.compare.compare_and_print`; a comparison that
+    cannot start raises (``mxfp8.cli.main`` words the error).
     """
     from mxfp8.cli.compare import compare_and_print
     from mxfp8.compare import DEFAULT_RECIPES, with_compare_defaults

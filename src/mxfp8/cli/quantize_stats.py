@@ -3,24 +3,31 @@
 Reads a safetensors file, or a ``.pt`` file through ``torch.load(weights_only=True)`` (a
 tensor, or dicts / lists of tensors, flattened to dotted names). For each floating-point
 tensor and each format and scale rule it reports the SQNR, the % of saturated elements, the
-% of non-zero elements flushed to zero and the histogram of block scale exponents. A table
-by default, ``--json`` for machines.
+% of non-zero elements flushed to zero and the histogram of block scale exponents, as
+:mod:`mxfp8.numerics.metrics` defines them (the same numbers as the training telemetry). A
+table by default, ``--json`` for machines.
+
+The file may come from anywhere, so reading it never runs code from it: safetensors holds
+only tensors, and ``weights_only=True`` restricts unpickling to tensors and plain containers
+(a pickle that names a function to call is refused). Anything that is not such a file (a
+malicious or random pickle, text, a directory, a checkpoint without a single tensor) is
+reported as a :class:`~mxfp8.errors.UserError`: one line, exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import pickle
-import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mxfp8.errors import UserError
 from mxfp8.numerics.formats import FORMATS, ScaleRule
-from mxfp8.numerics.metrics import mx_quant_stats
+from mxfp8.numerics.metrics import SQNR_CAP_DB, mx_quant_stats
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -38,19 +45,80 @@ def add_parser(subparsers: Any) -> None:
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor in the file, by (dotted) name, in file order."""
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+    """Every tensor in the file, by (dotted) name, in file order.
 
-        try:
-            return load_file(str(path))
-        except SafetensorError as err:  # a bare Exception subclass: make it a ValueError
-            raise ValueError(str(err)) from err
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    return dict(_flatten(obj, ""))
+    Raises :class:`UserError` (one line, naming the file) for anything that is not a
+    readable file of tensors; nothing in the file is ever executed (see the module doc).
+    """
+    if path.is_dir():
+        raise UserError(f"cannot read {path}: it is a directory, not a checkpoint file")
+    if not path.exists():
+        raise UserError(f"cannot read {path}: no such file")
+    if not path.is_file():
+        raise UserError(f"cannot read {path}: not a regular file")
+    try:
+        if path.suffix == ".safetensors":
+            tensors = _load_safetensors(path)
+        else:
+            tensors = dict(_flatten(_torch_load(path), ""))
+    except OSError as err:  # unreadable (permissions, I/O): say so, not "not a tensor file"
+        raise UserError(f"cannot read {path}: {err.strerror or _one_line(err)}") from err
+    except RecursionError as err:  # containers nested deeper than any checkpoint's
+        raise UserError(f"cannot read {path}: its containers are nested too deeply") from err
+    if not tensors:
+        raise UserError(f"cannot read {path}: the file holds no tensors")
+    return tensors
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except OSError:
+        raise
+    except Exception as err:  # SafetensorError is a bare Exception subclass
+        raise UserError(f"cannot read {path}: not a safetensors file ({_one_line(err)})") from err
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise here
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as err:  # a hostile or broken pickle fails in many ways: all bad input
+        raise UserError(f"cannot read {path}: {_load_failure(err)}") from err
+
+
+def _one_line(err: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _load_failure(err: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in a few words.
+
+    torch's refusal is several paragraphs (advice to retry with ``weights_only=False``, which
+    is exactly what must not be done with an untrusted file, how to allowlist globals, a docs
+    link) around one sentence that says what it met (``Unsupported global: GLOBAL io.open
+    ...``, ``Trying to load unsupported GLOBAL posix.system ...``): keep that sentence.
+    """
+    text = str(err)
+    if text.startswith("Weights only load failed"):
+        _, marker, rest = text.partition("WeightsUnpickler error:")
+        paragraphs = [p.strip() for p in (rest if marker else text).split("\n\n") if p.strip()]
+        if not marker:
+            paragraphs = paragraphs[1:]  # the first one is the advice
+        detail = next((p for p in paragraphs if not p.startswith("Check the documentation")), "")
+        detail = detail.split(". ")[0].removesuffix(".")  # its first sentence
+        refused = (
+            "not a plain tensor file: torch.load(weights_only=True), which never runs code "
+            "from the file, refused it"
+        )
+        return f"{refused} ({_one_line(detail)})" if detail else refused
+    return f"not a PyTorch tensor file ({type(err).__name__}: {_one_line(err)})"
 
 
 def _flatten(obj: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -90,6 +158,15 @@ def _hist_summary(hist: dict[int, int]) -> str:
     return f"[{min(hist)}..{max(hist)}] mode {mode}"
 
 
+def _sqnr_cell(sqnr: float | None) -> str:
+    """None: an all-zero tensor (no signal); the cap: exact or within rounding of it."""
+    if sqnr is None:
+        return "-"
+    if sqnr >= SQNR_CAP_DB:
+        return f">={SQNR_CAP_DB:.0f}"
+    return f"{sqnr:.2f}"
+
+
 def format_table(report: dict[str, Any]) -> str:
     header = (
         f"{'tensor':32s} {'shape':>14s} {'amax':>10s} {'fmt':4s} {'rule':5s} "
@@ -102,7 +179,7 @@ def format_table(report: dict[str, Any]) -> str:
             continue
         shape = "x".join(str(s) for s in entry["shape"]) or "scalar"
         for i, s in enumerate(entry["stats"]):
-            sqnr = "exact" if s["sqnr_db"] is None else f"{s['sqnr_db']:.2f}"
+            sqnr = _sqnr_cell(s["sqnr_db"])
             lead = f"{name:32s} {shape:>14s} {entry['amax']:10.4g}" if i == 0 else " " * 58
             lines.append(
                 f"{lead} {s['fmt']:4s} {s['rule']:5s} {sqnr:>8s} {s['saturated_pct']:7.3f} "
@@ -125,16 +202,11 @@ def build_report(path: Path, block_size: int, dim: int) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     if args.block_size < 1:
-        print("error: --block-size must be >= 1", file=sys.stderr)
-        return 2
-    try:
-        report = build_report(args.file, args.block_size, args.dim)
-    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as err:
-        print(f"error: cannot read {args.file}: {err}", file=sys.stderr)
-        return 1
+        raise UserError("--block-size must be >= 1")
+    report = build_report(args.file, args.block_size, args.dim)  # UserError: one line, status 2
     if args.json:
         # JSON object keys are strings: the histogram exponents become "-7" etc.
-        print(json.dumps(report, indent=2))
+        print(json.dumps(report, indent=2, allow_nan=False))
     else:
         print(format_table(report))
     return 0

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
+from mxfp8.errors import UserError
 from mxfp8.layers.recipe import Recipe, ScalingKind, list_recipes, recipe
 
 
@@ -52,12 +52,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({n: recipe(n).to_dict() for n in list_recipes()}, indent=2))
         return 0
     if args.name:
-        try:
-            r = recipe(args.name)
-        except ValueError as e:
-            print(f"mxfp8 recipes: error: {e}", file=sys.stderr)
-            return 2
-        print(r.to_toml(), end="")
+        if args.name not in list_recipes():
+            raise UserError(f"unknown recipe {args.name!r}; presets: {', '.join(list_recipes())}")
+        print(recipe(args.name).to_toml(), end="")
         return 0
     rows = [("name", "scaling", "formats (a/b per GEMM)", "loss scaling", "description")]
     for n in list_recipes():

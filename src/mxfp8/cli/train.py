@@ -168,20 +168,43 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_config(cfg: TrainConfig, *, report: bool = True) -> int:
-    """Train ``cfg``, then print the final validation loss and perplexity, and the run path."""
-    from mxfp8.train.loop import train
+    """Train ``cfg``, print the outcome and the run path; returns the process exit code.
 
-    result = train(cfg)
+    0: the run completed, or it was already complete (a resume changes nothing then).
+    128 + signal (143 for SIGTERM, 130 for SIGINT): stopped by a signal after a checkpoint.
+    1: stopped after too many non-finite steps. Config and resume errors propagate (exit 2).
+    """
+    from mxfp8.train.loop import NonFiniteError, RunComplete, train
+    from mxfp8.train.preempt import Aborted
+
+    try:
+        result = train(cfg)
+    except Aborted as e:  # a second SIGTERM/SIGINT: no checkpoint of this step
+        print(f"mxfp8 train: {e}; the last checkpoint is intact: continue with "
+              f"mxfp8 train --resume --out {cfg.run.out or 'RUN'}", file=sys.stderr)  # fmt: skip
+        return 128 + e.signum
+    except RunComplete as done:
+        print(f"mxfp8 train: {done}")
+        print(f"run directory: {done.run_dir}")
+        return 0
+    except NonFiniteError as e:
+        print(f"mxfp8 train: error: {e}", file=sys.stderr)
+        return 1
     if result.completed:
         print(f"final validation loss: {result.final_val_loss:.4f}")
         print(f"final validation perplexity: {result.final_val_ppl:.2f}")
+        summary = result.summary
+        print(f"throughput: {summary['tokens_per_s']:,.0f} tokens/s steady state (first "
+              f"{summary['warmup_steps_excluded']} steps of each process left out: "
+              f"compilation); wall time {summary['wall_time_s']:.1f} s")  # fmt: skip
         if report:
             _write_report(result.run_dir)
     else:
-        print(f"stopped after step {result.step} of {cfg.run.steps} (checkpoint written); "
+        why = f"stopped by {result.stopped_by}" if result.stopped_by else "stopped"
+        print(f"{why} after step {result.step} of {cfg.run.steps} (checkpoint written); "
               f"continue with: mxfp8 train --resume --out {result.run_dir}")  # fmt: skip
     print(f"run directory: {result.run_dir}")
-    return 0
+    return result.exit_code
 
 
 def _write_report(run_dir: Path) -> None:
@@ -195,11 +218,5 @@ def _write_report(run_dir: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mxfp8.train.config import ConfigError
-
-    try:
-        cfg = build_config(args)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"mxfp8 train: error: {e}", file=sys.stderr)
-        return 2
-    return run_config(cfg, report=not args.no_report)
+    # config and resume errors (ConfigError), missing files...: mxfp8.cli.main reports them
+    return run_config(build_config(args), report=not args.no_report)

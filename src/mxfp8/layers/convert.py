@@ -15,7 +15,9 @@ and logged at INFO level.
 
 Delayed-scaling state (amax histories) lives in the layers but outside ``state_dict`` (so the
 keys stay those of ``nn.Linear``); :func:`scaling_state_dict` / :func:`load_scaling_state_dict`
-save and restore it with a checkpoint.
+save and restore it with a checkpoint. Save it after ``optimizer.step()``, outside the step
+window (:func:`mxfp8.layers.step_window`): it then holds the finished step's pending amaxes,
+which the next window opened after a restore commits, as the uninterrupted run does.
 """
 
 from __future__ import annotations
@@ -159,3 +161,4 @@ def load_scaling_state_dict(model: nn.Module, state: dict[str, Any]) -> None:
         raise ValueError(f"scaling state mismatch: missing {missing}, unexpected {extra}")
     for name, layer in layers.items():
         layer.delayed_state.load_state_dict(state[name])
+        layer._weight_cache.clear()  # (inside a window) quantized with the old scale

@@ -15,13 +15,25 @@ operands along its reduction dim, each from the high-precision tensor) and
 :mod:`mxfp8.layers.gemm` for the backends. Per-tensor recipes: see
 :mod:`mxfp8.layers.tensorwise_function`, including when delayed-scaling histories advance.
 
-Weight cache (gradient accumulation): the quantized weight operands are cached on the layer,
-keyed on the weight's version counter and storage, so the micro-batches of one optimizer step
-quantize the weight once; any in-place change (``optimizer.step()``, ``load_state_dict``)
-invalidates it. ``weight_quantizations`` counts the quantized weight copies made (a cache
-miss makes one; with ``compile_quantize`` on CPU the forward's miss makes both copies at once
-and counts two). ``cache_weights = False`` turns it off. Under ``torch.compile`` the cache is
-bypassed (the graph recomputes it).
+Weight cache (gradient accumulation) and the step window. The quantized weight operands are
+cached only inside a step window: ``with step_window(model):`` (:mod:`mxfp8.layers.step`)
+around the micro-batches of one optimizer step, with ``optimizer.step()`` outside it. Inside,
+the first forward quantizes the weight and every later micro-batch reuses the copies;
+opening and closing the window drop them. Outside any window there is no cache at all: every
+forward (and its backward) quantizes the weight fresh, so a forward after any change to the
+weight's values, by any means (``optimizer.step()``, a write through ``.data``, ``copy_``,
+``load_state_dict``, ``.to()``), sees the new values. Why a window and not a version check:
+``p.data.mul_(2)`` bumps neither the version counter nor the storage pointer, so no check on
+the tensor can see every write; the training loop knows when the weights cannot change. The
+rule inside a window is therefore "do not write the weights": the cache key still holds the
+version counter and storage pointer, which catches a replaced parameter and tracked in-place
+updates, not ``.data`` writes. ``weight_quantizations`` counts every quantized weight copy
+made, cached or not: MX makes two (W along K for fprop, W^T along N for dgrad) per window, or
+per forward+backward outside one (with ``compile_quantize`` on CPU a window's first forward
+makes both at once); per-tensor recipes make one per window, or one per forward.
+``cache_weights = False`` turns the cache off inside windows too. Under ``torch.compile`` the
+cache is bypassed (the graph recomputes it). Delayed scaling takes its step boundaries from
+the same windows (see :mod:`mxfp8.layers.tensorwise_function`).
 
 Telemetry hook. Every MXLinear has ``observer = None`` (zero cost) and ``name`` (its fqn, set by
 ``convert_model``). Set ``layer.observer`` to a plain callable (not an ``nn.Module``) and the
@@ -90,6 +102,7 @@ class MXLinear(nn.Linear):
         self.reuse_buffers = True
         self._scratch: dict[str, torch.Tensor] = {}
         self._weight_cache: dict[tuple, Any] = {}
+        self._window_open = False  # set by step_window: the only time the cache is used
         self._plans: dict[tuple, MXPlan] = {}
         self.delayed_state = (
             DelayedState(self.recipe) if self.recipe.scaling is ScalingKind.DELAYED else None
@@ -116,6 +129,11 @@ class MXLinear(nn.Linear):
         return new
 
     def _check_dims(self) -> None:
+        """MX recipes: K (fprop's reduction) and N (dgrad's) must be whole blocks.
+
+        Checked here, at construction, so the error names the layer instead of surfacing as
+        a shape error inside a GEMM; tokens (wgrad's reduction) may be any count (padded).
+        """
         r = self.recipe
         if r.scaling is ScalingKind.MX:
             bad = [
@@ -125,10 +143,12 @@ class MXLinear(nn.Linear):
             ]
             if bad:
                 n, s = bad[0]
+                who = repr(self.name) if self.name else "(unnamed)"
                 raise ValueError(
-                    f"MXLinear {self.name or ''}: {n}={s} is not a multiple of block_size "
-                    f"{r.block_size} (the dgrad/fprop reduction dims must be; keep this layer "
-                    "in high precision, as convert_model does)"
+                    f"MXLinear {who} [{self.in_features}->{self.out_features}], recipe "
+                    f"{r.name}: {n}={s} is not a multiple of block_size {r.block_size} (the "
+                    "fprop/dgrad reduction dims must be; keep this layer in high precision, "
+                    "as convert_model does)"
                 )
 
     def extra_repr(self) -> str:
@@ -137,6 +157,21 @@ class MXLinear(nn.Linear):
     def recording(self) -> bool:
         """Whether this call's amaxes count for delayed scaling (training forward only)."""
         return self.training and torch.is_grad_enabled()
+
+    # --- step window (see mxfp8.layers.step) ----------------------------------------------
+    def _open_window(self) -> None:
+        """A new optimizer step begins: drop cached operands, commit last step's amaxes."""
+        if self._window_open:
+            raise RuntimeError(f"a step window is already open on MXLinear {self.name!r}")
+        self._weight_cache.clear()
+        if self.delayed_state is not None:
+            self.delayed_state.commit()
+        self._window_open = True
+
+    def _close_window(self) -> None:
+        """The step's forwards are over (the optimizer may now write): drop the cache."""
+        self._window_open = False
+        self._weight_cache.clear()
 
     # --- forward ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -163,8 +198,8 @@ class MXLinear(nn.Linear):
     @torch.compiler.disable  # python-side scaling state: runs eagerly inside compiled models
     def _forward_tensorwise(self, x2d: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
         recording = self.recording()
-        if self.delayed_state is not None:
-            self.delayed_state.begin_call(self.weight, recording)
+        if self.delayed_state is not None and recording and not self._window_open:
+            self.delayed_state.commit()  # outside a window each training forward is a step
         with torch.autocast(x2d.device.type, enabled=False):
             return TensorwiseLinearFunction.apply(x2d, self.weight, dt, self, recording)
 

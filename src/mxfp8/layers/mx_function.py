@@ -15,6 +15,8 @@ the wrong axis, and re-quantizing it would round twice. So x, W and dy are each 
 twice, once per axis, always from the original values.
 
 The wgrad copy of x is made in the forward (while x is hot in cache) and saved instead of x.
+The weight's two copies are cached only inside a step window (:func:`weight_operand`,
+:mod:`mxfp8.layers.step`); outside one, each call quantizes the weight fresh.
 """
 
 from __future__ import annotations
@@ -150,17 +152,25 @@ def scratch(layer, key: str, like: torch.Tensor, dtype=None) -> torch.Tensor | N
 def weight_operand(layer, weight: torch.Tensor, plan: MXPlan, gemm: str) -> tuple[Any, Any]:
     """The quantized weight for ``gemm`` ("fprop": W along K, "dgrad": W^T along N).
 
-    Served from the layer's cache when possible: the weight changes only at optimizer steps,
-    so micro-batches of one step (gradient accumulation) quantize it once. The cache key holds
-    the parameter's version counter (bumped by every in-place update: optimizer steps,
-    ``load_state_dict``, ``copy_``) and its storage pointer (a replaced ``.data``). With an
-    observer attached the cache is bypassed, so telemetry sees a fresh MXTensor.
+    Quantized fresh from ``weight`` at every call, except inside a step window
+    (:func:`mxfp8.layers.step_window`, open while ``layer._window_open``): the training loop
+    opens one around the micro-batches of each optimizer step, when the weight cannot change,
+    so they quantize it once and share the copies. Nothing outside a window can go stale: no
+    signal catches every write (``p.data.mul_`` bumps neither the version counter nor the
+    storage pointer), so outside a window there is no cache to invalidate. Inside one, the key
+    still holds the version counter and storage pointer, a guard against a parameter replaced
+    or updated in place (by tracked ops) mid-window. With an observer attached, or
+    ``layer.cache_weights`` False, the cache is bypassed (telemetry sees a fresh MXTensor).
+    ``layer.weight_quantizations`` counts every copy made; ``layer`` is None under
+    torch.compile, which bypasses the cache and counts nothing.
     """
     hp = weight if gemm == "fprop" else weight.t()
     spec = plan.specs[gemm, "weight"]
-    use_cache = layer is not None and layer.observer is None and layer.cache_weights
-    if not use_cache:
-        want = layer is not None and layer.observer is not None
+    if layer is None:
+        return plan.backend.quantize_mx(hp, spec, plan.compute_dtype)
+    if not (layer._window_open and layer.observer is None and layer.cache_weights):
+        layer.weight_quantizations += 1
+        want = layer.observer is not None
         return plan.backend.quantize_mx(hp, spec, plan.compute_dtype, want_q=want)
     key = (gemm, weight._version, weight.data_ptr(), plan.compute_dtype, plan.backend.name)
     cache = layer._weight_cache

@@ -26,7 +26,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from mxfp8 import _toml
+import tomli_w
 
 
 class ScalingKind(enum.StrEnum):
@@ -158,7 +158,8 @@ class Recipe:
     keep_high_precision: tuple[str, ...] = DEFAULT_KEEP
     """fnmatch patterns of fqns always kept in high precision (embeddings, LM head)."""
     quantize_attention_bmm: bool = False
-    """Whether the attention BMMs (QK^T, PV) are quantized too. The paper keeps them in bf16."""
+    """Whether the attention BMMs (QK^T, PV) are quantized too. The paper keeps them in bf16.
+    Reserved: only False is accepted until quantized attention exists."""
     dynamic_loss_scaling: bool | None = None
     """Whether training needs a dynamic loss scaler. None = derived: True for per-tensor FP8."""
     backend: Backend = Backend.AUTO
@@ -217,8 +218,14 @@ class Recipe:
             raise ValueError(
                 f"backend 'scaled_mm' needs block_size 32 (hardware MX), got {self.block_size}"
             )
-        if self.scaling is ScalingKind.NONE and self.quantize_attention_bmm:
-            raise ValueError("quantize_attention_bmm needs a quantizing recipe (scaling != none)")
+        if self.quantize_attention_bmm is not False:
+            # the field is reserved: no attention kernel reads it, so accepting True would
+            # silently train with bf16 attention BMMs while the recipe claims otherwise
+            raise ValueError(
+                f"quantize_attention_bmm={self.quantize_attention_bmm!r}: quantized attention "
+                "BMMs are not implemented yet (QK^T and PV always run in high precision); "
+                "leave it false"
+            )
 
     # --- access -------------------------------------------------------------------------
     @property
@@ -260,7 +267,8 @@ class Recipe:
         return cls(**data)
 
     def to_toml(self) -> str:
-        return _toml.dumps(self.to_dict())
+        # TOML has no null: a None field is left out and takes its default when read back
+        return tomli_w.dumps({k: v for k, v in self.to_dict().items() if v is not None})
 
     @classmethod
     def from_toml(cls, text: str) -> Recipe:

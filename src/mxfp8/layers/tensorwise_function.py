@@ -9,10 +9,24 @@ most half a bf16 ulp): the CPU has no bf16 x bf16 -> fp32 matmul, and these reci
 baselines, not the subject of bit-exact tests.
 
 Delayed scaling: each layer holds one amax tracker per tensor (input, weight, grad_output).
-Within an optimizer step every call uses the scale from the history; the step's observed
-amax (the max over its micro-batches) is appended to the history when the layer first runs
-after the weight changed (i.e. after ``optimizer.step()``). So the history advances exactly
-once per optimizer step, deterministically, without the training loop calling anything.
+Every call quantizes with the scale from the history; the amaxes a call observes are kept as
+*pending* (the max over the calls of one optimizer step) and appended to the history when the
+next optimizer step begins. When a step begins is said by :func:`mxfp8.layers.step_window`:
+
+- inside a window (the training loop wraps the micro-batches of each optimizer step in
+  ``with step_window(model):``), opening the window commits the previous step's pending
+  amaxes, so the history advances exactly once per window however many micro-batches run;
+- outside any window (a loop that never opens one), each recording forward (training mode,
+  grad enabled) counts as its own optimizer step: it first commits the pending amaxes of the
+  previous forward and its backward, then records its own.
+
+Evaluation (no grad, or ``eval()``) records and commits nothing. Checkpoints save the history
+and the pending amaxes (:func:`mxfp8.layers.convert.scaling_state_dict`, taken after
+``optimizer.step()``, with the window closed); after a restore, the next window (or recording
+forward) commits the restored pending amaxes, exactly as the uninterrupted run does, so a
+resumed run is bit-identical. Why not follow the weight's version counter, as an optimizer
+step bumps it: writes through ``.data`` do not bump it, and a skipped step (found_inf) does
+not write at all, so the history would depend on how the weights were written.
 """
 
 from __future__ import annotations
@@ -47,16 +61,12 @@ class DelayedState:
             for op in OPERANDS
         }
         self.pending: dict[str, torch.Tensor] = {}
-        self.seen_version: tuple[int, int] | None = None
-
-    def begin_call(self, weight: torch.Tensor, recording: bool) -> None:
-        """Commit the last step's amaxes if the weight changed since the previous call."""
-        version = (weight._version, weight.data_ptr())
-        if recording and version != self.seen_version:
-            self.commit()
-            self.seen_version = version
 
     def commit(self) -> None:
+        """Append the pending amaxes (the step that just ended) to the histories.
+
+        Called when a step window opens, and by each recording forward outside any window.
+        """
         for op in OPERANDS:  # fixed order: deterministic
             if op in self.pending:
                 self.trackers[op].update(self.pending.pop(op))
@@ -80,8 +90,8 @@ class DelayedState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for op, s in state["trackers"].items():
             self.trackers[op].load_state_dict(s)
+        # committed by the next window open (or recording forward), as in the saved run
         self.pending = {op: a.clone() for op, a in state["pending"].items()}
-        self.seen_version = None  # the next training call commits the restored pending amaxes
 
 
 def quantize_operand(layer, x: torch.Tensor, operand: str, recording: bool):
@@ -151,14 +161,29 @@ class TensorwiseLinearFunction(torch.autograd.Function):
 
 
 def weight_operand(layer, weight: torch.Tensor, recording: bool):
-    """Per-tensor quantized weight, cached per weight version (see mx_function)."""
-    if layer.observer is not None or not layer.cache_weights:
+    """Per-tensor quantized weight: fresh each call, except inside a step window.
+
+    Same rule as :func:`mxfp8.layers.mx_function.weight_operand`: the cache lives only while
+    :func:`mxfp8.layers.step_window` is open on the layer (the weight cannot change between
+    the micro-batches of one optimizer step), keyed on the version counter and storage as a
+    guard against a replaced parameter. Under delayed scaling the history, and so the scale,
+    is fixed within a window. A cached weight whose amax was not recorded yet (the window's
+    first forward ran without grad) records it at the first recording call.
+    """
+    use_cache = layer._window_open and layer.observer is None and layer.cache_weights
+    if not use_cache:
+        layer.weight_quantizations += 1
         return quantize_operand(layer, weight, "weight", recording)
     key = ("tensorwise", weight._version, weight.data_ptr())
     cache = layer._weight_cache
-    if key not in cache:
+    entry = cache.get(key)
+    if entry is None:
         cache.clear()
         with torch.no_grad():
-            cache[key] = quantize_operand(layer, weight, "weight", recording)
+            q = quantize_operand(layer, weight, "weight", recording)
         layer.weight_quantizations += 1
-    return cache[key]
+        entry = cache[key] = [q, recording]
+    elif recording and not entry[1] and layer.delayed_state is not None:
+        layer.delayed_state.record("weight", entry[0].amax)
+        entry[1] = True
+    return entry[0]

@@ -16,6 +16,7 @@ import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from mxfp8.report.loader import RunData, baseline, load_runs
 from mxfp8.report.plots import Plot, all_plots
@@ -92,6 +93,7 @@ def summary_rows(runs: Sequence[RunData]) -> list[dict[str, object]]:
                 "gap_pct": None if run is base else _gap_pct(val, base_val),
                 "ppl_gap_pct": None if run is base else _gap_pct(ppl, base_ppl),
                 "tokens_per_s": run.final("tokens_per_s"),
+                "wall_time_s": _finite_or_none(run.summary.get("wall_time_s")),
                 "skipped_steps": int(skipped) if isinstance(skipped, int | float) else None,
                 "diverged": run.diverged,
                 "events": len(run.events),
@@ -101,11 +103,16 @@ def summary_rows(runs: Sequence[RunData]) -> list[dict[str, object]]:
     return rows
 
 
+def _finite_or_none(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and math.isfinite(v) else None
+
+
 def _table(runs: Sequence[RunData]) -> str:
     head = (
         "<tr><th>run</th><th>recipe</th><th>steps</th><th>final val loss</th>"
         "<th>val ppl</th><th>gap to bf16 (loss %)</th><th>gap to bf16 (ppl %)</th>"
-        "<th>tokens/s</th><th>skipped steps</th><th>divergence flags</th></tr>"
+        "<th>tokens/s (steady state)</th><th>wall time (s)</th><th>skipped steps</th>"
+        "<th>divergence flags</th></tr>"
     )
     body = []
     for row in summary_rows(runs):
@@ -129,7 +136,7 @@ def _table(runs: Sequence[RunData]) -> str:
             f"<td>{'&ndash;' if steps is None else steps}</td>"
             f"<td>{_fmt(row['val_loss'])}</td><td>{_fmt(row['val_ppl'], 3)}</td>"
             f"<td{gap_cls}>{_fmt(gap, 3)}</td><td>{_fmt(row['ppl_gap_pct'], 3)}</td>"
-            f"<td>{_fmt(row['tokens_per_s'], 1)}</td>"
+            f"<td>{_fmt(row['tokens_per_s'], 1)}</td><td>{_fmt(row['wall_time_s'], 1)}</td>"
             f"<td>{'&ndash;' if skipped is None else skipped}</td>{div}</tr>"
         )
     return f"<table>{head}{''.join(body)}</table>"

@@ -28,7 +28,10 @@ BASELINE_RECIPE = "bf16"
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """All JSON objects of a .jsonl file; a missing file gives [], and a truncated last line
-    (a run killed mid-write) is skipped rather than failing the whole report."""
+    (a run killed mid-write) is skipped rather than failing the whole report, with a
+    :class:`~mxfp8.stats.jsonl.CorruptLineWarning` naming the file and line. The reader is the
+    one training uses (:func:`mxfp8.stats.jsonl.read_rows`), so a report and a resumed run
+    never disagree on what a file holds."""
     return read_rows(path)
 
 

@@ -71,11 +71,12 @@ class DivergenceConfig:
 @dataclass(frozen=True)
 class DivergenceEvent:
     step: int
-    kind: str  # "spike" or "nan"
+    kind: str  # "spike", "nan", or "skip" (an update skipped for a non-finite loss/gradient)
     loss: float | None  # None when not finite (JSON has no NaN)
     baseline: float | None
     threshold: float | None
     layers: list[dict[str, Any]]
+    detail: dict[str, Any] | None = None  # "skip": what was non-finite, and where
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -216,8 +217,13 @@ class DivergenceHook:
         kind = self.detector.update(float(loss))
         if kind is not None:
             self.flag(step, kind, float(loss))
+        if metrics.get("nonfinite"):  # the loop skipped this step's update (see train.step)
+            detail = {"nonfinite": metrics["nonfinite"], "module": metrics.get("nonfinite_module")}
+            self.flag(step, "skip", float(loss), detail)
 
-    def flag(self, step: int, kind: str, loss: float) -> DivergenceEvent:
+    def flag(
+        self, step: int, kind: str, loss: float, detail: dict[str, Any] | None = None
+    ) -> DivergenceEvent:
         rows = self._telemetry_rows()
         d = self.detector
         finite = lambda x: x if x is not None and math.isfinite(x) else None  # noqa: E731
@@ -228,15 +234,16 @@ class DivergenceHook:
             baseline=finite(d.baseline),
             threshold=finite(d.threshold),
             layers=rank_layer_changes(rows, step, d.config.top_layers),
+            detail=detail,
         )
         self.events.append(event)
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             append_rows(self.run_dir / EVENTS_FILE, [event.to_json()])
         names = ", ".join(f"{x['layer']} ({x['gemm']}/{x['operand']})" for x in event.layers)
+        what = {"spike": "loss spike", "nan": "non-finite loss"}.get(kind, "update skipped")
         log.warning(
-            "step %d: %s (loss %s, baseline %s)%s", step,
-            "loss spike" if kind == "spike" else "non-finite loss",
+            "step %d: %s (loss %s, baseline %s)%s", step, what,
             f"{loss:.4g}", "n/a" if d.baseline is None else f"{d.baseline:.4g}",
             f"; numerics changed most in: {names}" if names else "",
         )  # fmt: skip
@@ -250,11 +257,11 @@ class DivergenceHook:
     def on_train_end(self, result: Any) -> None: ...
 
     def summary(self) -> dict[str, Any]:
-        """``diverged``: the loss went non-finite, or a spike had not recovered at the end.
-        A spike the run recovered from is counted in ``divergence_events`` only."""
-        nan = any(e.kind == "nan" for e in self.events)
+        """``diverged``: at the end the loss is non-finite or in a spike that has not
+        recovered. A spike, or a skipped non-finite step, that the run recovered from is
+        counted in ``divergence_events`` only."""
         return {
-            "diverged": nan or self.detector.in_event,
+            "diverged": self.detector.in_event,
             "divergence_events": len(self.events),
         }
 

@@ -3,17 +3,14 @@
 Given the high-precision tensor ``hp`` and what the layer actually fed its GEMM (``q``: an
 ``MXTensor`` or a ``TensorwiseFP8``), measure:
 
-- saturated: elements the saturating clamp changed, i.e. whose scaled magnitude
-  ``|hp| / 2^e`` (MX) or ``|hp| * scale`` (per-tensor) lies beyond the format max by more
-  than half an ulp (448 + 16 = 464 for E4M3, 57344 + 4096 = 61440 for E5M2): values that an
-  unbounded format would have rounded above the max. Values in (max, max + ulp/2] round to
-  the max anyway, so counting them would report rounding noise (e.g. ``x * (448 / amax)``
-  landing a hair above 448) as clipping. With the ``rceil`` scale rule this is 0 by
-  construction; ``floor`` clips the largest elements of blocks whose amax mantissa > 1.75.
-- underflow: non-zero finite elements that came back as exactly 0 (flushed), as a % of the
-  non-zero finite elements.
-- SQNR: ``10 log10(sum hp^2 / sum (hp - deq)^2)`` over finite elements, in dB; capped at
-  :data:`SQNR_CAP_DB` when the error is exactly zero.
+- saturated, underflow and SQNR, as :mod:`mxfp8.numerics.metrics` defines them (the one
+  definition, shared with ``mxfp8 quantize-stats``): saturated counts the elements the
+  saturating clamp really changed (scaled magnitude ``|hp| / 2^e`` (MX) or ``|hp| * scale``
+  (per-tensor) > 464 for E4M3, >= 61440 for E5M2), as a % of the finite elements; underflow
+  the non-zero finite elements flushed to exactly 0, as a % of the non-zero finite ones;
+  SQNR ``10 log10(sum hp^2 / sum (hp - deq)^2)`` in dB over the finite elements of
+  non-NaN blocks, bounded to +-:data:`SQNR_CAP_DB` (+200 when exact), ``None`` (null) for
+  an all-zero tensor.
 - amax, the share of non-finite elements, and for MX the histogram of the E8M0 block-scale
   exponents (bits - 127; -127 also marks all-zero blocks, 128 marks NaN blocks).
 
@@ -28,13 +25,27 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from mxfp8.numerics.formats import E8M0_BIAS, ElemFormat
+from mxfp8.numerics.formats import E8M0_BIAS
+from mxfp8.numerics.metrics import (
+    SQNR_CAP_DB,
+    mx_saturated,
+    scaled_saturated,
+    signal_noise,
+    sqnr_db,
+)
 from mxfp8.numerics.tensor import MXTensor
 from mxfp8.numerics.tensorwise import TensorwiseFP8
 
-SQNR_CAP_DB = 200.0  # reported when quantization was exact (zero error)
+__all__ = [
+    "SQNR_CAP_DB",
+    "RawStats",
+    "finalize",
+    "mx_dequantize",
+    "mx_stats",
+    "operand_stats",
+    "tensorwise_stats",
+]
 
 # order of the entries of RawStats.counts
 _FIELDS = ("saturated", "underflow", "nonzero", "nonfinite", "numel", "signal", "noise", "amax")
@@ -49,11 +60,6 @@ class RawStats:
     scale_bits_hist: torch.Tensor | None = None  # int64 [256], MX only
     scale: torch.Tensor | None = None  # per-tensor only
     amax_history: list[float] | None = None  # delayed scaling only, most recent first
-
-
-def clip_threshold(fmt: ElemFormat) -> float:
-    """Smallest scaled magnitude the clamp really changes: max + half an ulp at max."""
-    return fmt.max_finite + 2.0 ** (fmt.emax - fmt.man_bits - 1)
 
 
 def _oriented(hp: torch.Tensor, deq: torch.Tensor) -> torch.Tensor:
@@ -90,23 +96,17 @@ def _common(
         lo, hi = torch.aminmax(x)
         amax = torch.maximum(hi, -lo)
     if bool(torch.isfinite(amax)):  # the usual case: no masks, few passes
-        # float64 dot products: no overflow, and rounding far below the digits we report,
-        # so the result does not depend on the thread count's summation order
-        xs = x.reshape(-1).double()
-        err = (x - deq).reshape(-1).double()
         nonzero = torch.count_nonzero(x)
         # zero stays zero, so every other zero of deq is a flushed value
         underflow = nonzero - torch.count_nonzero(deq)
-        signal = torch.dot(xs, xs)
-        noise = torch.dot(err, err)
+        signal, noise = signal_noise(x, deq, all_finite=True)
         return torch.stack(
             [saturated.double(), underflow.double(), nonzero.double(), n * 0, n, signal, noise,
              amax.double()]
         )  # fmt: skip
     finite = torch.isfinite(x)
     nonzero = finite & (x != 0)
-    xd = torch.where(finite, x, 0).double()
-    err = torch.where(finite & torch.isfinite(deq), xd - deq.double(), 0)
+    signal, noise = signal_noise(x, deq, all_finite=False)
     return torch.stack(
         [
             saturated.double(),
@@ -114,9 +114,9 @@ def _common(
             nonzero.sum().double(),
             (~finite).sum().double(),
             n,
-            (xd * xd).sum(),
-            (err * err).sum(),
-            xd.abs().max(),
+            signal,
+            noise,
+            torch.where(finite, x, 0).abs().max().double(),
         ]
     )
 
@@ -143,30 +143,7 @@ def mx_stats(hp: torch.Tensor, q: MXTensor) -> RawStats:
     """Statistics of an MX-quantized operand (see the module docstring)."""
     deq = mx_dequantize(q)
     x = _oriented(hp, deq).float()
-    dim, bs = q.dim, q.block_size
-    size = x.shape[dim]
-    nblocks = q.scale.shape[dim]
-    if size != nblocks * bs:  # padded quantization: pad with zeros, which never saturate
-        widths = [0, 0] * (x.dim() - 1 - dim) + [0, nblocks * bs - size]
-        x_pad = F.pad(x, widths)
-    else:
-        x_pad = x
-    outer = x.shape[:dim].numel() * nblocks
-    inner = x.shape[dim + 1 :].numel()
-    xb = x_pad.reshape(outer, bs, inner)  # one E8M0 scale per block of bs values along dim
-    exps = q.scale_exponent().reshape(outer, 1, inner)
-    # |x| / 2^e > t  <=>  |x| > t * 2^e (exact: a power-of-two product; inf if beyond fp32)
-    # a NaN block (exponent 128) gets limit inf: nothing in it counts as clipped
-    limit = torch.ldexp(torch.full_like(exps, clip_threshold(q.fmt), dtype=torch.float32), exps)
-    lo, hi = torch.aminmax(xb, dim=1, keepdim=True)  # block amax in one pass, no |x| copy
-    block_amax = torch.maximum(hi, -lo)  # NaN for a block holding a NaN
-    clipping = (block_amax > limit).reshape(-1)  # [outer * inner] blocks
-    if bool(clipping.any()):  # only blocks that clip are looked at element by element
-        blocks = xb.transpose(1, 2).reshape(-1, bs)[clipping]  # [clipping blocks, bs]
-        lim = limit.transpose(1, 2).reshape(-1, 1)[clipping]
-        saturated = (blocks.abs() > lim).sum()
-    else:
-        saturated = torch.zeros((), dtype=torch.int64, device=x.device)
+    saturated, block_amax = mx_saturated(x, q)  # the block amaxes also give the tensor's
     amax = block_amax.max() if block_amax.numel() else None  # max propagates NaN
     counts = _common(x, deq, saturated, amax)
     hist = torch.bincount(q.scale_bits().reshape(-1).to(torch.int64), minlength=256)
@@ -180,7 +157,7 @@ def tensorwise_stats(hp: torch.Tensor, q: TensorwiseFP8) -> RawStats:
     deq = q.dequantize(torch.float32)
     x = _oriented(hp, deq).float()
     scaled = x * q.scale.to(x.device)
-    saturated = (scaled.abs() > clip_threshold(q.fmt)).sum()  # NaN compares False
+    saturated = scaled_saturated(scaled, q.fmt)
     return RawStats(_common(x, deq, saturated), q.fmt.name, scale=q.scale.detach().float())
 
 
@@ -204,17 +181,12 @@ def finalize(raw: RawStats) -> dict[str, Any]:
     """Python numbers of one operand, in the numerics.jsonl schema (docs/architecture.md)."""
     c = dict(zip(_FIELDS, raw.counts.tolist(), strict=True))
     finite_n = c["numel"] - c["nonfinite"]
-    if c["noise"] > 0 and c["signal"] > 0:
-        sqnr = min(SQNR_CAP_DB, 10.0 * math.log10(c["signal"] / c["noise"]))
-    elif c["signal"] > 0:
-        sqnr = SQNR_CAP_DB
-    else:
-        sqnr = float("nan")  # an all-zero tensor has no signal: SQNR is undefined
+    sqnr = sqnr_db(c["signal"], c["noise"])  # None for an all-zero tensor
     row: dict[str, Any] = {
         "fmt": raw.fmt,
         "saturated_pct": _round(100.0 * c["saturated"] / finite_n if finite_n else 0.0),
         "underflow_pct": _round(100.0 * c["underflow"] / c["nonzero"] if c["nonzero"] else 0.0),
-        "sqnr_db": _round(sqnr, 5),
+        "sqnr_db": None if sqnr is None else _round(sqnr, 5),
         "amax": _round(c["amax"]),
         "nonfinite_pct": _round(100.0 * c["nonfinite"] / c["numel"] if c["numel"] else 0.0),
     }

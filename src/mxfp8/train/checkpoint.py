@@ -1,46 +1,241 @@
-"""Checkpoints: ``checkpoints/step_NNNNNNN/{model.safetensors, state.pt, config.toml}``.
+"""Checkpoints: ``checkpoints/step_NNNNNNN/{model.safetensors, state.pt, config.toml,
+manifest.json}``.
 
 A checkpoint is written into a temporary directory next to its final place, flushed to disk,
 then renamed in one ``os.replace``: a job killed mid-write leaves either the previous set of
 checkpoints or the new one, never a half-written directory that ``--resume`` would pick up.
+
+``manifest.json`` is written last, once the other files are on disk, and records their sizes
+and SHA-256 (format in :func:`build_manifest`). A directory without one is not a checkpoint;
+one whose files do not match it (truncated by a full disk, corrupted by a copy, edited) fails
+:func:`verify_checkpoint` with a :class:`CheckpointError` naming the file and the problem, so
+``--resume`` falls back to the newest checkpoint that verifies
+(:func:`latest_intact_checkpoint`) instead of loading garbage.
+
+Nothing read from a checkpoint can run code: weights are safetensors, and ``state.pt`` is
+loaded with ``torch.load(weights_only=True)``, which only rebuilds tensors and plain containers
+and refuses anything else (a :class:`CheckpointError` too). The manifest is no defence against
+a malicious file (whoever can write one can write the other), ``weights_only`` is.
+
+Leftovers of a crash are ``.tmp-step_N-PID`` (a checkpoint being written), ``.old-step_N-PID``
+(a checkpoint being replaced by a re-save of its step) and ``.del-step_N-PID`` (one being
+pruned). :func:`list_checkpoints` ignores them; :func:`recover`, run before every save and by
+:func:`latest_intact_checkpoint`, deletes them, except that when ``step_N`` itself is missing
+(killed between the two renames of a re-save) an intact leftover of it is renamed back first:
+re-saving a step never loses it.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
+import logging
 import os
+import pickle
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+log = logging.getLogger(__name__)
+
 CHECKPOINT_DIR = "checkpoints"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "mxfp8-checkpoint"
+MANIFEST_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+CONFIG_FILE = "config.toml"
+CHECKPOINT_FILES = (WEIGHTS_FILE, STATE_FILE, CONFIG_FILE)  # each must be in the manifest
+
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
+_LEFTOVER = re.compile(r"^\.(tmp|old|del)-(step_\d{7,})-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is incomplete, corrupted, unsafe to load, or could not be written. The
+    message names the file (or directory) and what is wrong with it."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint could not be written (disk full, directory not writable...). Also an
+    ``OSError``, whose ``errno`` is the cause's when it had one (``errno.ENOSPC``...)."""
 
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temporary directories are ignored)."""
+def _step_dirs(run_dir: str | Path) -> list[Path]:
+    """Every ``step_N`` directory of a run, oldest first, complete or not."""
     root = Path(run_dir) / CHECKPOINT_DIR
-    if not root.is_dir():
+    try:
+        found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))]
+    except (FileNotFoundError, NotADirectoryError):
         return []
-    found = [
-        (int(m.group(1)), p)
-        for p in root.iterdir()
-        if (m := _STEP_DIR.match(p.name)) and (p / "state.pt").is_file()
-    ]
-    return [p for _, p in sorted(found)]
+    return [p for _, p in sorted(found) if p.is_dir()]
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run (those with a manifest), oldest first; temporary
+    directories are ignored. Cheap: nothing is hashed (see :func:`latest_intact_checkpoint`)."""
+    return [p for p in _step_dirs(run_dir) if (p / MANIFEST_FILE).is_file()]
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint, unverified; use :func:`latest_intact_checkpoint` to
+    pick one to resume from."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def latest_intact_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """``(newest checkpoint that verifies or None, [(newer checkpoint skipped, why)...])``.
+
+    Leftovers of a crash are dealt with first (:func:`recover`). Skipped checkpoints are also
+    logged as warnings; they are left on disk for a human to look at (keep-last pruning
+    removes them in time). Costs one hash of the checkpoint returned, plus one per skipped one.
+    """
+    recover(run_dir)
+    skipped: list[tuple[Path, str]] = []
+    for path in reversed(_step_dirs(run_dir)):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as e:
+            log.warning("skipping checkpoint %s: %s", path.name, e)
+            skipped.append((path, str(e)))
+            continue
+        return path, skipped
+    return None, skipped
+
+
+# --- manifest --------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()  # streamed, in chunks
+
+
+def build_manifest(path: str | Path, step: int) -> dict[str, Any]:
+    """The manifest of checkpoint directory ``path`` as it is on disk::
+
+        {"format": "mxfp8-checkpoint", "version": 1, "step": 7,
+         "files": {"model.safetensors": {"size": 1234, "sha256": "<64 hex digits>"}, ...}}
+
+    listing :data:`CHECKPOINT_FILES` (sizes in bytes).
+    """
+    path = Path(path)
+    files = {}
+    for name in CHECKPOINT_FILES:
+        f = path / name
+        files[name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+    return {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "step": step, "files": files}
+
+
+def write_manifest(path: str | Path, step: int) -> Path:
+    """Hash the files of checkpoint directory ``path`` into its ``manifest.json`` (flushed to
+    disk). Done last by :func:`save_checkpoint`: a manifest vouches for files already written."""
+    out = Path(path) / MANIFEST_FILE
+    with open(out, "w", encoding="utf-8") as fh:
+        json.dump(build_manifest(path, step), fh, indent=1)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    return out
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    mpath = path / MANIFEST_FILE
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    if not mpath.is_file():
+        raise CheckpointError(
+            f"{mpath}: missing manifest: not a complete checkpoint (interrupted before it was "
+            "finished, or written by an mxfp8 version without manifests)"
+        )
+    try:
+        manifest = json.loads(mpath.read_bytes())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{mpath}: unreadable manifest ({e})") from e
+    if not isinstance(manifest, dict):
+        manifest = {}
+    files = manifest.get("files")
+    if manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
+        raise CheckpointError(f"{mpath}: unreadable manifest (not an mxfp8 checkpoint manifest)")
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise CheckpointError(
+            f"{mpath}: unreadable manifest: version {manifest.get('version')!r}, this mxfp8 "
+            f"reads version {MANIFEST_VERSION}"
+        )
+    for name in CHECKPOINT_FILES:
+        if name not in files:
+            raise CheckpointError(f"{mpath}: unreadable manifest: {name} is not listed")
+    for name, entry in files.items():
+        ok_entry = (
+            isinstance(entry, dict)
+            and isinstance(entry.get("size"), int)
+            and isinstance(entry.get("sha256"), str)
+        )
+        if not ok_entry or Path(name).name != name or name in (".", ".."):
+            raise CheckpointError(f"{mpath}: unreadable manifest: bad entry {name!r}: {entry!r}")
+    return manifest
+
+
+def _verify(path: Path, expected_step: int | None) -> dict[str, Any]:
+    manifest = _read_manifest(path)
+    step = manifest.get("step")
+    if expected_step is not None and step != expected_step:
+        raise CheckpointError(
+            f"{path / MANIFEST_FILE}: manifest of step {step!r} in the directory of step "
+            f"{expected_step}"
+        )
+    # sizes first: a truncated file (the usual damage) is caught without hashing anything
+    for name, entry in manifest["files"].items():
+        f = path / name
+        try:
+            size = f.stat().st_size
+        except FileNotFoundError:
+            raise CheckpointError(f"{f}: missing file (listed in the manifest)") from None
+        if size != entry["size"]:
+            raise CheckpointError(
+                f"{f}: size mismatch: {size} bytes on disk, {entry['size']} in the manifest "
+                "(truncated or overwritten)"
+            )
+    for name, entry in manifest["files"].items():
+        f = path / name
+        try:
+            digest = _sha256(f)
+        except OSError as e:
+            raise CheckpointError(f"{f}: unreadable ({e})") from e
+        if digest != entry["sha256"]:
+            raise CheckpointError(
+                f"{f}: checksum mismatch: sha256 {digest[:16]}... on disk, "
+                f"{entry['sha256'][:16]}... in the manifest (corrupted)"
+            )
+    return manifest
+
+
+def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Check checkpoint directory ``path`` against its manifest and return the manifest.
+
+    Raises :class:`CheckpointError` naming the file and the problem: missing or unreadable
+    manifest, missing file, size mismatch, checksum mismatch, or a manifest of another step
+    (for a ``step_N`` directory). Reads every file once (SHA-256 runs at about 1 GB/s).
+    """
+    path = Path(path)
+    m = _STEP_DIR.match(path.name)
+    return _verify(path, int(m.group(1)) if m else None)
+
+
+# --- writing ---------------------------------------------------------------------------------
 
 
 def _fsync_dir(path: Path) -> None:
@@ -56,6 +251,95 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` (not this one) may still be running. A leftover of a live
+    process may be a checkpoint it is writing right now: it is left alone."""
+    if pid == os.getpid() or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    except (OSError, OverflowError):
+        return False
+    return True
+
+
+def recover(run_dir: str | Path) -> list[str]:
+    """Clean up the leftovers of crashed saves in ``run_dir``'s checkpoints; return what was
+    done (also logged).
+
+    For each step with leftovers: when ``step_N`` is missing, the first of its leftovers that
+    verifies is renamed to ``step_N``: the ``.old-`` directory (the checkpoint that was being
+    replaced by a re-save), else a ``.tmp-`` one (complete, killed just before its rename).
+    Every other leftover is deleted. Leftovers named after a live process other than this
+    one are left alone. Never raises for file-system errors (a read-only directory): what
+    cannot be cleaned is only logged, and stays ignored by :func:`list_checkpoints`.
+    """
+    root = Path(run_dir) / CHECKPOINT_DIR
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return []
+    by_step: dict[str, list[tuple[str, Path]]] = {}
+    for p in entries:
+        m = _LEFTOVER.match(p.name)
+        if m and not _pid_alive(int(m.group(3))):
+            by_step.setdefault(m.group(2), []).append((m.group(1), p))
+    done: list[str] = []
+    for name, leftovers in sorted(by_step.items()):
+        final = root / name
+        step = int(name.removeprefix("step_"))
+        if not final.exists():
+            candidates = [p for kind in ("old", "tmp") for k, p in leftovers if k == kind]
+            for p in candidates:
+                try:
+                    _verify(p, step)
+                    os.replace(p, final)
+                except (CheckpointError, OSError) as e:
+                    log.warning("checkpoint leftover %s not restored: %s", p, e)
+                    continue
+                done.append(f"restored {final} from {p.name}")
+                log.warning("restored checkpoint %s from %s (left by a crash)", final, p.name)
+                break
+        for _, p in leftovers:
+            if not p.exists():
+                continue
+            shutil.rmtree(p, ignore_errors=True)
+            if p.exists():
+                log.warning("could not delete checkpoint leftover %s", p)
+            else:
+                done.append(f"deleted {p}")
+                log.info("deleted checkpoint leftover %s", p)
+    if done:
+        _fsync_dir(root)
+    return done
+
+
+def _reason(e: BaseException, root: Path) -> str:
+    """Why a write failed, in words: the OS's for an OSError, else the exception's text
+    (torch and safetensors turn a full disk into RuntimeError/SafetensorError), then the free
+    space on that disk when it may be the cause."""
+    if isinstance(e, OSError) and e.strerror:
+        why = e.strerror[:1].lower() + e.strerror[1:]
+    else:
+        why = f"{type(e).__name__}: {e}"
+    if not (isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS)):
+        try:
+            free = shutil.disk_usage(root if root.exists() else root.parent).free
+            why += f" ({free / 2**20:,.0f} MiB free on that disk)"
+        except OSError:
+            pass
+    return why
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -68,41 +352,139 @@ def save_checkpoint(
     """Write checkpoint ``step`` atomically, then delete all but the newest ``keep_last``.
 
     ``model`` weights go to safetensors (shared tensors, e.g. tied embeddings, are stored
-    once); ``state`` (optimizer, scheduler, scaler, RNG, data position...) to ``state.pt``.
+    once); ``state`` (optimizer, scheduler, scaler, RNG, data position...) to ``state.pt``;
+    then ``manifest.json``. On failure (disk full, directory not writable...) the temporary
+    directory is removed, the previous checkpoints are left as they were (none is pruned) and
+    a :class:`CheckpointWriteError` says which checkpoint, where, and why. The checkpoint just
+    written is never pruned, even when newer steps exist (a re-save after a resume).
     """
     root = Path(run_dir) / CHECKPOINT_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / step_dir_name(step)
-    tmp = root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save(state, tmp / "state.pt")
-    (tmp / "config.toml").write_text(config_toml)
-    for f in tmp.iterdir():
-        with open(f, "rb+") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
-        old = root / f".old-{step_dir_name(step)}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(root)
-    for stale in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(stale, ignore_errors=True)
+    name = step_dir_name(step)
+    final = root / name
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    old = root / f".old-{name}-{os.getpid()}"
+    recover(run_dir)
+    doing = f"creating {tmp}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        writers: list[tuple[str, Callable[[Path], object]]] = [
+            (WEIGHTS_FILE, lambda p: save_model(model, str(p))),
+            (STATE_FILE, lambda p: torch.save(state, p)),
+            (CONFIG_FILE, lambda p: p.write_text(config_toml, encoding="utf-8")),
+        ]
+        for fname, write in writers:
+            doing = f"writing {fname}"
+            write(tmp / fname)
+            _fsync_file(tmp / fname)
+        doing = f"writing {MANIFEST_FILE}"
+        write_manifest(tmp, step)
+        _fsync_dir(tmp)
+        doing = f"renaming {tmp.name} to {name}"
+        if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
+            os.replace(final, old)  # a kill from here to the next rename: recover() undoes it
+            os.replace(tmp, final)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(root)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not final.exists():
+            try:
+                os.replace(old, final)
+            except OSError:
+                pass  # left for recover()
+        err = CheckpointWriteError(
+            f"could not write checkpoint {name} to {root} (while {doing}): {_reason(e, root)}; "
+            "the previous checkpoints were left as they were"
+        )
+        err.errno = e.errno if isinstance(e, OSError) else None
+        raise err from e
+    shutil.rmtree(old, ignore_errors=True)
+    _prune(root, final, keep_last)
     return final
 
 
-def load_checkpoint(path: str | Path, model: nn.Module) -> dict[str, Any]:
-    """Load weights into ``model`` (strict) and return the ``state.pt`` dict."""
+def _prune(root: Path, keep: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints, never ``keep``. Each is
+    renamed to a ``.del-`` leftover before its files go, so a kill mid-delete never leaves a
+    partial ``step_N`` directory."""
+    if keep_last <= 0:
+        return
+    others = [p for p in list_checkpoints(root.parent) if p != keep]
+    for stale in others[: max(0, len(others) - (keep_last - 1))]:
+        doomed = root / f".del-{stale.name}-{os.getpid()}"
+        try:
+            os.replace(stale, doomed)
+        except OSError as e:
+            log.warning("could not prune checkpoint %s: %s", stale, e)
+            continue
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def _unpickling_reason(e: Exception) -> str:
+    """The sentence of torch's weights-only refusal that says what it met (``Unsupported
+    global: GLOBAL io.open ...``, ``Trying to load unsupported GLOBAL posix.system ...``). The
+    rest of it suggests loading with ``weights_only=False``, exactly what must not be done."""
+    text = str(e)
+    _, marker, rest = text.partition("WeightsUnpickler error:")
+    paragraphs = [p.strip() for p in (rest if marker else text).split("\n\n") if p.strip()]
+    detail = next(
+        (
+            p
+            for p in paragraphs
+            if not p.startswith(("Weights only load failed", "Check the documentation"))
+        ),
+        "",
+    )
+    detail = " ".join(detail.split(". ")[0].removesuffix(".").split())
+    return (detail[:197] + "...") if len(detail) > 200 else (detail or type(e).__name__)
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, *, verify: bool = True) -> dict[str, Any]:
+    """Load weights into ``model`` (strict) and return the ``state.pt`` dict.
+
+    The checkpoint is first checked against its manifest (``verify=False`` skips that, e.g.
+    right after :func:`latest_intact_checkpoint` verified it). ``state.pt`` is loaded before
+    the weights, so ``model`` is left untouched when it is refused. A corrupted or unsafe file
+    raises :class:`CheckpointError` naming it; weights that do not fit ``model`` (another
+    config) raise safetensors' ``RuntimeError``.
+    """
     path = Path(path)
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=True)
-    del missing, unexpected  # strict=True already raised on any mismatch
-    return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    state = load_state(path, verify=verify)
+    weights = path / WEIGHTS_FILE
+    try:
+        load_model(model, str(weights), strict=True)  # strict: raises on any key mismatch
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{weights}: unreadable ({e})") from e
+    return state
+
+
+def load_state(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
+    """The ``state.pt`` dict of a checkpoint (verified first unless ``verify=False``), read
+    with ``weights_only=True``: plain containers and tensors only, never code."""
+    path = Path(path)
+    if verify:
+        verify_checkpoint(path)
+    state_path = path / STATE_FILE
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{state_path}: refused: it holds more than tensors and plain containers "
+            f"({_unpickling_reason(e)}); nothing in it was run. A state.pt written by mxfp8 "
+            "never does: do not load this file with weights_only=False"
+        ) from e
+    except Exception as e:  # a broken (or hostile) pickle fails in many ways: all bad input
+        raise CheckpointError(f"{state_path}: unreadable ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{state_path}: holds a {type(state).__name__}, not a state dict")
+    return state
 
 
 # --- RNG state -----------------------------------------------------------------------------

@@ -6,6 +6,12 @@ validation split, trains a byte-level BPE on the training text (or loads a given
 ``tokenizer.json`` and ``meta.json`` into a cache folder named by a hash of the config and of
 the corpus bytes. The folder is built under a temporary name and renamed into place, so a
 folder that exists is complete, and a second call only hashes the corpus and maps the files.
+A preparation that fails removes its temporary folder (one killed outright leaves it behind,
+and the next preparation on the same host removes it), so the fixed input starts clean.
+
+A corpus that cannot be trained on (no text, too little text for a validation split or for
+one window of ``seq_len + 1`` tokens, a file that is not UTF-8, a bad .jsonl line) raises
+:class:`DataError`, whose message says what was found and what is needed.
 
 Batches are random windows drawn by a generator seeded from ``(seed, step, micro, split)``
 alone: the data position of any step is recomputed from the step number, so resuming a run
@@ -16,9 +22,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,7 +37,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from mxfp8.train.data_sources import content_hash, iter_documents, resolve_source
+from mxfp8.train.data_sources import DataError, content_hash, iter_documents, resolve_source
 from mxfp8.train.tokenizer import encode_texts, eot_id, load_tokenizer, train_tokenizer
 
 FORMAT_VERSION = 1
@@ -40,6 +48,17 @@ MIN_TAIL_CHARS = 100
 line); shorter documents go to one split whole."""
 
 SPLITS = ("train", "val")
+
+__all__ = [
+    "DataConfig",
+    "DataError",
+    "PreparedData",
+    "eval_batches",
+    "get_batch",
+    "load_prepared",
+    "prepare_data",
+    "require_tokens",
+]
 
 
 @dataclass(frozen=True)
@@ -150,18 +169,50 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
     final = cache_root(cfg) / "data" / f"{slug}-{key}"
     if not (final / "meta.json").is_file():
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        _remove_dead_tmp(final.parent)
+        tmp = final.parent / f"{_TMP}{final.name}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
-        try:
+        try:  # on any failure (Ctrl-C included) the temporary folder goes: no half-written cache
             _build(cfg, sources, tmp)
             try:
                 os.rename(tmp, final)
-            except OSError:  # another process finished first: keep its (identical) result
+            except OSError:
                 if not (final / "meta.json").is_file():
-                    raise
+                    # a folder without meta.json was not renamed here by prepare_data (which
+                    # writes meta.json last): it is incomplete, replace it
+                    shutil.rmtree(final, ignore_errors=True)
+                    os.rename(tmp, final)
+                # else another process finished first: keep its (identical) result
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return load_prepared(final)
+
+
+_TMP = ".tmp-"
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.]+", "_", socket.gethostname()) or "host"
+
+
+def _remove_dead_tmp(parent: Path) -> None:
+    """Remove temporary folders of preparations on this host whose process is gone.
+
+    A process killed outright (SIGKILL, a preempted node) cannot clean up after itself. The
+    host is part of the name so that a cache shared between machines never loses a folder that
+    another machine is still writing.
+    """
+    for tmp in parent.glob(f"{_TMP}*"):
+        head, _, rest = tmp.name.rpartition(f"-{_host()}-")
+        pid = rest.split("-", 1)[0]
+        if not head or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:  # alive, but another user's
+            pass
 
 
 def token_dtype(vocab_size: int) -> type[np.unsignedinteger]:
@@ -183,7 +234,7 @@ def _build(cfg: DataConfig, sources, out: Path) -> None:
     sep = np.array([] if eot is None else [eot], dtype=dtype)
 
     counts = {"train": 0, "val": 0}
-    n_docs = 0
+    n_docs = 0  # non-blank documents (blank ones never reach here)
     with open(out / "train.bin", "wb") as ftrain, open(out / "val.bin", "wb") as fval:
         files = {"train": ftrain, "val": fval}
         # encode train and val parts of every document in one stream: (train0, val0, train1, ...)
@@ -196,11 +247,21 @@ def _build(cfg: DataConfig, sources, out: Path) -> None:
             chunk = np.concatenate([ids.astype(dtype), sep])
             chunk.tofile(files[split])
             counts[split] += len(chunk)
+    if n_docs == 0:
+        n_files = sum(len(s.files) for s in sources)
+        raise DataError(
+            f"no text in data source {cfg.source!r}: its {n_files} file(s) hold no non-blank "
+            "document (empty files, blank lines or empty text fields)"
+        )
     for split, n in counts.items():
         if n < 2:
-            raise ValueError(
-                f"the {split} split of {cfg.source!r} is empty: the corpus is too small "
-                f"for val_fraction={cfg.val_fraction}"
+            total = counts["train"] + counts["val"]
+            need = math.ceil(round(MIN_TAIL_CHARS / cfg.val_fraction, 6))
+            raise DataError(
+                f"the {split} split of {cfg.source!r} is empty: the corpus ({n_docs} "
+                f"document(s), {total} tokens) is too small to hold out val_fraction="
+                f"{cfg.val_fraction} of it; give a document of at least {need} characters "
+                "or more documents"
             )
     tok.save(str(out / "tokenizer.json"))
     meta = {
@@ -241,10 +302,23 @@ def _split_tokens(data: PreparedData, split: str, seq_len: int) -> np.ndarray:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     tokens = data.train if split == "train" else data.val
     if len(tokens) < seq_len + 1:
-        raise ValueError(
-            f"the {split} split has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}"
+        source = data.meta.get("config", {}).get("source", str(data.path))
+        raise DataError(
+            f"the {split} split of {source!r} has {len(tokens)} tokens, fewer than "
+            f"seq_len + 1 = {seq_len + 1} (one window of a batch); give more text or a "
+            "smaller --run.seq_len"
         )
     return tokens
+
+
+def require_tokens(data: PreparedData, seq_len: int) -> None:
+    """Raise :class:`DataError` unless both splits hold one window of ``seq_len + 1`` tokens.
+
+    Meant right after :func:`prepare_data`, before a run writes anything: ``get_batch`` and
+    ``eval_batches`` would raise the same error, but only once the run has started.
+    """
+    for split in SPLITS:
+        _split_tokens(data, split, seq_len)
 
 
 def get_batch(

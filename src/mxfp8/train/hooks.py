@@ -57,7 +57,7 @@ class TrainContext:
 
 @dataclass
 class RunResult:
-    """What :func:`train` returns. ``completed`` is False after ``stop_after``."""
+    """What :func:`train` returns. ``completed`` is False after ``stop_after`` or a signal."""
 
     run_dir: Path
     step: int
@@ -67,3 +67,5 @@ class RunResult:
     tokens_per_s: float
     skipped_steps: int
     summary: dict[str, Any] = field(default_factory=dict)
+    stopped_by: str | None = None  # "SIGTERM" / "SIGINT" when a signal ended the run early
+    exit_code: int = 0  # 128 + the signal number then (143, 130), as a shell reports it

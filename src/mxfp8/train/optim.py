@@ -109,6 +109,20 @@ class AdamWBF16States(torch.optim.Optimizer):
                 p.addcdiv_(m, denom, value=-lr / bias1)
         return loss
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load, then put the moments back in bf16.
+
+        ``Optimizer.load_state_dict`` casts floating-point state to the parameter's dtype
+        (fp32 here). Left so, a resumed run would keep fp32 moments for good: twice the
+        memory, and no longer bit-identical to the run it continues. The cast back is exact
+        (the values were bf16 when saved).
+        """
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key] = state[key].to(torch.bfloat16)
+
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """AdamW over fp32 master weights (moments in fp32, or bf16 with ``bf16_states``)."""

@@ -2,7 +2,9 @@
 
 ``metrics.jsonl`` is the contract with reports (see docs/architecture.md): one JSON object per
 logged step. On resume, lines past the checkpoint's step (written after it by the interrupted
-process) are dropped first, so the file reads as if the run had never stopped.
+process) are dropped first, so the file reads as if the run had never stopped. Reading and that
+repair are :mod:`mxfp8.stats.jsonl`'s, shared with the stats files: the file is replaced
+atomically (never rewritten in place), and a line torn by a crash is dropped with a warning.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from mxfp8.stats.jsonl import read_rows, truncate_after
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -31,10 +35,9 @@ def peak_mem_mb(device: torch.device) -> float:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The rows of a run's ``metrics.jsonl`` ([] if missing); a torn line is skipped with a
+    :class:`~mxfp8.stats.jsonl.CorruptLineWarning`."""
+    return read_rows(Path(run_dir) / METRICS_FILE)
 
 
 class RunLog:
@@ -42,8 +45,8 @@ class RunLog:
 
     def __init__(self, run_dir: Path, *, total: int, start: int, progress: bool):
         self.path = run_dir / METRICS_FILE
-        kept = [m for m in read_metrics(run_dir) if m.get("step", 0) <= start]
-        self.path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        # atomic, and drops a torn last line: the rows appended below start on a fresh line
+        truncate_after(self.path, start)
         self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - closed in close()
         self._tb = None
         try:  # TensorBoard is an optional extra

@@ -126,6 +126,11 @@ class RunConfig:
     )
     device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     telemetry_every: int = opt(0, "numerics telemetry every N steps (0 = off)")
+    max_nonfinite_steps: int = opt(
+        5,
+        "stop after this many consecutive steps skipped for a non-finite loss or gradient "
+        "(routine loss-scaling overflows excepted); 0 = never stop",
+    )
     progress: bool = opt(True, "show a progress bar on the terminal")
 
     def __post_init__(self) -> None:
@@ -133,7 +138,7 @@ class RunConfig:
                      "eval_batches", "keep_last"):  # fmt: skip
             _check(getattr(self, name) >= 1, f"run.{name} must be >= 1", getattr(self, name))
         for name in ("tokens_per_step", "stop_after", "eval_every", "ckpt_every",
-                     "telemetry_every"):  # fmt: skip
+                     "telemetry_every", "max_nonfinite_steps"):  # fmt: skip
             _check(getattr(self, name) >= 0, f"run.{name} must be >= 0", getattr(self, name))
         if self.tokens_per_step:
             per_micro = self.batch_size * self.seq_len

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from mxfp8.errors import UserError
+
 EOT = "<|endoftext|>"
 """End-of-text token appended after every document (id 0 in tokenizers trained here)."""
 
@@ -46,13 +48,21 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a ``tokenizer.json`` (a file, or a directory that holds one)."""
+    """Load a ``tokenizer.json`` (a file, or a directory that holds one).
+
+    A file that the ``tokenizers`` library cannot parse raises :class:`mxfp8.errors.UserError`
+    naming the file (the library's own exception is a bare ``Exception`` without the path).
+    """
     path = Path(path)
     if path.is_dir():
         path = path / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer file at {path}")
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception for a bad file
+        reason = " ".join(str(e).split())
+        raise UserError(f"{path} is not a tokenizer.json that can be loaded ({reason})") from None
 
 
 def eot_id(tok: Tokenizer) -> int | None:

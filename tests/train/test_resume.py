@@ -1,0 +1,242 @@
+"""Resume in every case: finished runs, changed configs, bf16 moments, odd paths, compiled
+quantizers, and the data identity check."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from mxfp8.cli.main import main
+from mxfp8.train import checkpoint as ckpt
+from mxfp8.train import golden
+from mxfp8.train.config import load_config
+from mxfp8.train.loop import RunComplete, train
+from mxfp8.train.resume import config_changes
+from mxfp8.train.runlog import TIMING_KEYS, read_metrics
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Every test here compares training numbers: one torch thread (tests/conftest.py)."""
+
+
+def small(out, cache, recipe="bf16", **over):
+    base = {**golden.OVERRIDES, "data.cache_dir": str(cache), "recipe.name": recipe}
+    return {**base, "run.out": str(out), **over}
+
+
+def cli_args(over: dict) -> list[str]:
+    return [a for k, v in over.items() for a in (f"--{k}", str(v))]
+
+
+def exact(metrics):
+    return [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in metrics]
+
+
+def tree_digest(root) -> dict[str, str]:
+    """Every file under ``root`` with the sha256 of its bytes (what 'changed nothing' means)."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_bf16_states_resume_is_bit_identical_and_stays_bf16(tmp_path, data_cache):
+    over = {"run.steps": 6, "optim.bf16_states": True}
+    train(load_config(None, small(tmp_path / "full", data_cache, **over)))
+    train(load_config(None, small(tmp_path / "part", data_cache, **over, **{"run.stop_after": 3})))
+    resumed = load_config(
+        None, small(tmp_path / "part", data_cache, **over, **{"run.resume": True})
+    )
+    train(resumed)
+    assert exact(read_metrics(tmp_path / "part")) == exact(read_metrics(tmp_path / "full"))
+    a = ckpt.load_state(tmp_path / "full/checkpoints/step_0000006")
+    b = ckpt.load_state(tmp_path / "part/checkpoints/step_0000006")
+    for p, q in zip(
+        a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True
+    ):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert q[key].dtype == torch.bfloat16, "the moments must stay bf16 after a resume"
+            assert torch.equal(p[key], q[key])
+
+
+def test_optimizer_load_keeps_bf16_moments():
+    from mxfp8.train.optim import AdamWBF16States
+
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    opt = AdamWBF16States([p], lr=1e-2)
+    p.grad = torch.randn(4, 4)
+    opt.step()
+    fresh = AdamWBF16States([p], lr=1e-2)
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.state[p]["exp_avg"].dtype == torch.bfloat16
+    assert torch.equal(fresh.state[p]["exp_avg_sq"], opt.state[p]["exp_avg_sq"])
+
+
+def test_resume_of_a_finished_run_says_so_and_changes_nothing(tmp_path, data_cache, capsys):
+    over = small(tmp_path / "run", data_cache, **{"run.steps": 3})
+    assert main(["train", "--no-report", *cli_args(over)]) == 0
+    first = capsys.readouterr().out
+    assert "tokens/s steady state" in first and "wall time" in first
+    before = tree_digest(tmp_path / "run")
+    code = main(["train", "--resume", "--out", str(tmp_path / "run")])
+    out = capsys.readouterr()
+    assert code == 0
+    assert "already complete (3 steps)" in out.out
+    assert "Traceback" not in out.err
+    assert tree_digest(tmp_path / "run") == before
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["final_val_loss"] is not None and summary["diverged"] is False
+
+
+def test_more_steps_on_a_finished_run_is_a_clear_error(tmp_path, data_cache, capsys):
+    over = small(tmp_path / "run", data_cache, **{"run.steps": 3})
+    assert main(["train", "--no-report", *cli_args(over)]) == 0
+    before = tree_digest(tmp_path / "run")
+    capsys.readouterr()
+    code = main(["train", "--resume", "--out", str(tmp_path / "run"), "--steps", "5"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "is complete (3 steps) and cannot be continued to run.steps=5" in err
+    assert tree_digest(tmp_path / "run") == before
+
+
+def test_summary_lost_in_a_crash_comes_back_from_the_final_checkpoint(tmp_path, data_cache):
+    cfg = load_config(None, small(tmp_path / "run", data_cache, **{"run.steps": 3}))
+    first = train(cfg)
+    (tmp_path / "run/summary.json").unlink()  # killed between the final checkpoint and it
+    with pytest.raises(RunComplete):
+        train(
+            load_config(
+                None, small(tmp_path / "run", data_cache, **{"run.steps": 3, "run.resume": True})
+            )
+        )
+    restored = json.loads((tmp_path / "run/summary.json").read_text())
+    assert restored == json.loads(json.dumps(first.summary))
+
+
+@pytest.mark.parametrize(
+    "change, shown",
+    [
+        ({"run.batch_size": 2}, "run.batch_size: 4 -> 2"),
+        ({"run.seq_len": 16}, "run.seq_len: 32 -> 16"),
+        ({"run.grad_accum": 2}, "run.grad_accum: 1 -> 2"),
+        ({"data.source": "kjv"}, "data.source: 'shakespeare' -> 'kjv'"),
+        ({"model.n_layers": 1}, "model.n_layers: 2 -> 1"),
+        ({"recipe.name": "mxfp8"}, "recipe.name: 'bf16' -> 'mxfp8'"),
+        ({"run.seed": 7}, "run.seed: 1234 -> 7"),
+        ({"optim.lr": 1e-3}, "optim.lr: 0.003 -> 0.001"),
+    ],
+)
+def test_resume_with_a_changed_config_is_refused(change, shown, tmp_path, data_cache, capsys):
+    over = small(tmp_path / "run", data_cache, **{"run.steps": 4, "run.stop_after": 2})
+    assert main(["train", "--no-report", *cli_args(over)]) == 0
+    before = tree_digest(tmp_path / "run")
+    capsys.readouterr()
+    code = main(["train", "--resume", "--out", str(tmp_path / "run"), *cli_args(change)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert shown in err, err
+    assert "Traceback" not in err
+    assert tree_digest(tmp_path / "run") == before
+
+
+def test_every_changed_field_is_listed():
+    a = load_config(None, {"run.batch_size": 4, "run.seq_len": 32})
+    b = load_config(None, {"run.batch_size": 2, "run.seq_len": 16, "run.log_every": 1})
+    assert config_changes(a, b) == [("run.batch_size", 4, 2), ("run.seq_len", 32, 16)]
+
+
+def test_resumable_fields_may_change_and_the_run_stays_exact(tmp_path, data_cache):
+    base = {"run.steps": 6, "run.eval_every": 3}
+    train(load_config(None, small(tmp_path / "full", data_cache, **base)))
+    train(load_config(None, small(tmp_path / "part", data_cache, **base, **{"run.stop_after": 2})))
+    changed = {"run.resume": True, "run.log_every": 2, "run.ckpt_every": 1, "run.keep_last": 3}
+    train(load_config(None, small(tmp_path / "part", data_cache, **base, **changed)))
+    full = {m["step"]: m for m in exact(read_metrics(tmp_path / "full"))}
+    for row in exact(read_metrics(tmp_path / "part")):
+        assert row == full[row["step"]]
+
+
+def test_out_with_characters_outside_the_bmp_resumes(tmp_path, data_cache):
+    out = tmp_path / "run-\N{ROCKET}-\N{GRINNING FACE}"
+    over = {"run.steps": 4}
+    train(load_config(None, small(out, data_cache, **over, **{"run.stop_after": 2})))
+    saved = load_config(out / "config.toml")  # readable by tomllib again
+    assert saved.run.out == str(out)
+    result = train(load_config(None, small(out, data_cache, **over, **{"run.resume": True})))
+    assert result.completed
+
+
+def test_resume_of_a_directory_without_a_run(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code = main(["train", "--resume", "--out", str(tmp_path / "empty")])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds no run" in err and "Traceback" not in err
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_unwritable_out_is_a_clear_error(tmp_path, data_cache, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory\n")
+    over = small(blocker / "run", data_cache, **{"run.steps": 1})
+    code = main(["train", "--no-report", *cli_args(over)])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot write the run directory" in err and "Traceback" not in err
+    assert blocker.read_text() == "not a directory\n"
+
+
+def test_a_tokenizer_that_does_not_match_is_refused(tmp_path, data_cache, capsys):
+    """Same config, same tokenizer path, other tokenizer content: the ids mean other words."""
+    from mxfp8.train.data import DataConfig, prepare_data
+
+    def prepared(vocab: int):
+        return prepare_data(DataConfig(source="shakespeare", vocab_size=vocab,
+                                       cache_dir=str(data_cache)))  # fmt: skip
+
+    mine, other = prepared(512), prepared(300)
+    tok = tmp_path / "tokenizer.json"
+    tok.write_bytes((mine.path / "tokenizer.json").read_bytes())
+    over = small(tmp_path / "run", data_cache, **{"run.steps": 4, "data.tokenizer": str(tok)})
+    assert main(["train", "--no-report", *cli_args(over), "--stop-after", "2"]) == 0
+    before = tree_digest(tmp_path / "run")
+    tok.write_bytes((other.path / "tokenizer.json").read_bytes())  # swapped behind its back
+    capsys.readouterr()
+    code = main(["train", "--resume", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "data or tokenizer differ" in err and "tokenizer_sha256" in err, err
+    assert tree_digest(tmp_path / "run") == before
+
+
+def test_compiled_quantizers_train_and_resume_exactly(tmp_path, data_cache):
+    """The default training path (run.compile_quantize = true) end to end, with a resume."""
+    over = {"recipe.name": "mxfp8", "run.steps": 4, "run.compile_quantize": True}
+    full = train(load_config(None, small(tmp_path / "full", data_cache, **over)))
+    train(load_config(None, small(tmp_path / "part", data_cache, **over, **{"run.stop_after": 2})))
+    train(load_config(None, small(tmp_path / "part", data_cache, **over, **{"run.resume": True})))
+    assert full.completed
+    assert exact(read_metrics(tmp_path / "part")) == exact(read_metrics(tmp_path / "full"))
+    eager_over = {**over, "run.compile_quantize": False}
+    eager = train(load_config(None, small(tmp_path / "eager", data_cache, **eager_over)))
+    assert exact(read_metrics(tmp_path / "eager")) == exact(read_metrics(tmp_path / "full"))
+    assert eager.final_val_loss == full.final_val_loss
+
+
+def test_summary_reports_steady_state_throughput_and_wall_time(tmp_path, data_cache):
+    result = train(load_config(None, small(tmp_path / "run", data_cache, **{"run.steps": 6})))
+    rows = read_metrics(tmp_path / "run")
+    summary = result.summary
+    warm = summary["warmup_steps_excluded"]
+    steady_rows = [m for m in rows if m["step"] > warm]
+    tokens = sum(m["tokens"] - p["tokens"] for p, m in zip(rows, rows[1:], strict=False)
+                 if m["step"] > warm)  # fmt: skip
+    expected = tokens / sum(m["step_time_s"] for m in steady_rows)
+    assert summary["tokens_per_s"] == pytest.approx(expected, rel=1e-9)
+    total = sum(m["step_time_s"] for m in rows)
+    assert summary["tokens_per_s_with_warmup"] == pytest.approx(rows[-1]["tokens"] / total)
+    assert summary["wall_time_s"] >= summary["train_time_s"] > 0
