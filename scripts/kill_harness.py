@@ -53,6 +53,7 @@ class Tally:
     checks_failed: list[str] = field(default_factory=list)
     chains: int = 0
     identical: int = 0
+    phases: dict[str, int] = field(default_factory=dict)
 
     def ok(self, wanted: int) -> bool:
         return (
@@ -89,6 +90,17 @@ def _final_weights(run_dir: Path, steps: int):
     from mxfp8.train.checkpoint import step_dir_name
 
     return load_file(str(run_dir / "checkpoints" / step_dir_name(steps) / "model.safetensors"))
+
+
+def phase_of_kill(run_dir: Path) -> str:
+    """Where the kill landed, judged from what it left: before the first metrics row
+    (start-up), with a checkpoint being written or replaced (checkpoint), or else (step)."""
+    root = run_dir / "checkpoints"
+    if root.is_dir() and any(
+        p.name.startswith((".tmp-", ".old-", ".del-")) for p in root.iterdir()
+    ):
+        return "checkpoint"
+    return "step" if (run_dir / "metrics.jsonl").is_file() else "start-up"
 
 
 def check_after_kill(run_dir: Path, reference: dict[int, dict]) -> str | None:
@@ -160,10 +172,12 @@ def run_harness(kills: int, seed: int, steps: int, workdir: Path, say=print) -> 
                     break
             if landed:
                 tally.landed += 1
+                phase = phase_of_kill(run_dir)  # before the check: it cleans up leftovers
+                tally.phases[phase] = tally.phases.get(phase, 0) + 1
                 problem = check_after_kill(run_dir, reference)
                 if problem:
                     tally.checks_failed.append(f"{run_dir.name} kill {tally.landed}: {problem}")
-                say(f"kill {tally.landed:3d} after {delay:5.2f} s in {run_dir.name}: "
+                say(f"kill {tally.landed:3d} after {delay:5.2f} s ({phase}) in {run_dir.name}: "
                     f"{problem or 'consistent'}")  # fmt: skip
                 # what a requeued job does: resume when the run got far enough to be one
                 resume, after_kill = (run_dir / "config.toml").is_file(), True
@@ -200,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             "resumable": tally.resumable,
             "chains": tally.chains,
             "bit_identical_chains": tally.identical,
+            "kills_by_phase": tally.phases,
             "failed_checks": tally.checks_failed,
             "seconds": round(time.perf_counter() - t0, 1),
         }

@@ -278,3 +278,15 @@ def test_the_user_error_types():
     assert not is_user_error(ValueError("x")) and not is_user_error(RuntimeError("x"))
     assert issubclass(DataError, ValueError) and UserError in USER_ERRORS
     assert user_message(UserError("two\nlines")) == "two lines"
+
+
+def test_mx_recipe_with_dims_not_multiple_of_the_block_warns(tmp_path, capsys):
+    from mxfp8.train.data import DataConfig, prepare_data
+
+    cache = tmp_path / "cache"
+    prepare_data(DataConfig(source="shakespeare", vocab_size=300, cache_dir=str(cache)))
+    args = [*TINY, "--recipe", "mxfp8", "--model.d_model", "48", "--model.ffn_hidden", "96"]
+    code, err = train(capsys, tmp_path / "run", cache, *args)
+    assert code == 0
+    assert "warning: 7 linear layer(s) stay in high precision" in err
+    assert "in_features=48 is not a multiple of block_size 32" in err

@@ -38,8 +38,12 @@ def test_demo_compares_the_default_recipes_and_prints_table_and_report(
         assert summary["recipe"] == recipe and summary["steps"] == 4
     assert "val loss" in printed and "gap to bf16" in printed
     assert "tok/s" in printed and "wall s" in printed
-    assert re.search(r"^bf16 +4 +\d+\.\d{4} +\d+\.\d{2} +baseline +\d+ +\d+\.\d$", printed, re.M), printed
-    row = re.search(r"^mxfp8 +4 +(\d+\.\d{4}) +\d+\.\d{2} +([+-]\d+\.\d{2}) % +\d+ +\d+\.\d$", printed, re.M)
+    assert re.search(r"^bf16 +4 +\d+\.\d{4} +\d+\.\d{2} +baseline +\d+ +\d+\.\d$", printed, re.M), (
+        printed
+    )
+    row = re.search(
+        r"^mxfp8 +4 +(\d+\.\d{4}) +\d+\.\d{2} +([+-]\d+\.\d{2}) % +\d+ +\d+\.\d$", printed, re.M
+    )
     assert row is not None, printed
     assert f"report: {out / 'report.html'}" in printed
     assert (out / "report.html").stat().st_size > 0

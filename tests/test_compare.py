@@ -117,3 +117,29 @@ def test_an_interrupted_comparison_resumes_to_the_same_curves(tmp_path, cache, c
     assert (out / "mxfp8-floor" / "numerics.jsonl").read_text() == (
         comparison / "mxfp8-floor" / "numerics.jsonl"
     ).read_text()
+
+
+def test_sigterm_stops_the_whole_comparison_and_it_resumes(tmp_path, cache, comparison,
+                                                           monkeypatch, capsys):  # fmt: skip
+    import os
+    import signal
+
+    import mxfp8.train.loop as loop
+    from mxfp8.train.hooks import TrainHook
+
+    class Preempt(TrainHook):
+        def on_step_start(self, step):
+            if step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would
+
+    original = loop.train
+    monkeypatch.setattr(loop, "train", lambda cfg: original(cfg, hooks=[Preempt()]))
+    out = tmp_path / "cmp"
+    recipes = ("--recipes", "bf16,mxfp8-floor")
+    assert main(_args(out, cache, *recipes)) == 143
+    assert "stopped early by SIGTERM: bf16" in capsys.readouterr().err
+    assert not (out / "mxfp8-floor").exists(), "the next recipe must not start"
+    monkeypatch.setattr(loop, "train", original)
+    assert main(_args(out, cache, *recipes)) == 0
+    for recipe in ("bf16", "mxfp8-floor"):
+        assert _losses(out / recipe) == _losses(comparison / recipe)

@@ -60,6 +60,8 @@ class CompareResult:
     done: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     incomplete: list[str] = field(default_factory=list)
+    stopped_by: str | None = None  # the signal that stopped the comparison early
+    exit_code: int = 0  # 128 + that signal
 
 
 def _state(run_dir: Path, cfg: TrainConfig) -> str:
@@ -154,6 +156,9 @@ def compare(base: TrainConfig, recipes: Sequence[str], out: str | Path) -> Compa
             result.done.append(p.recipe)
         else:
             result.incomplete.append(p.recipe)
+        if r.stopped_by:  # SIGTERM / Ctrl-C stops the whole comparison, not just this run
+            result.stopped_by, result.exit_code = r.stopped_by, r.exit_code
+            break
     report = out / "report.html"
     if len(result.done) == len(plans) and _newer_than_runs(report, out, recipes):
         result.report = report  # every run was skipped: the report is already up to date

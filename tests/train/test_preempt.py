@@ -100,7 +100,7 @@ def test_signal_checkpoints_and_resume_is_bit_identical(sig, code, tmp_path, dat
 
 def test_kill_9_harness_a_few_kills(tmp_path):
     """The fast version of the harness: 3 kills (the slow test runs 30)."""
-    tally = _harness().run_harness(3, seed=1, steps=12, workdir=tmp_path, say=lambda _: None)
+    tally = _harness().run_harness(3, seed=1, steps=8, workdir=tmp_path, say=lambda _: None)
     assert tally.ok(3), tally
 
 

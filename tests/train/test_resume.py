@@ -240,3 +240,44 @@ def test_summary_reports_steady_state_throughput_and_wall_time(tmp_path, data_ca
     total = sum(m["step_time_s"] for m in rows)
     assert summary["tokens_per_s_with_warmup"] == pytest.approx(rows[-1]["tokens"] / total)
     assert summary["wall_time_s"] >= summary["train_time_s"] > 0
+
+
+def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, data_cache, capsys):
+    over = {"run.steps": 6, "run.ckpt_every": 1, "run.keep_last": 3}
+    train(load_config(None, small(tmp_path / "full", data_cache, **over)))
+    train(load_config(None, small(tmp_path / "part", data_cache, **over, **{"run.stop_after": 4})))
+    damaged = tmp_path / "part/checkpoints/step_0000004/model.safetensors"
+    blob = bytearray(damaged.read_bytes())
+    blob[-1] ^= 0xFF  # one flipped byte: same size, other content
+    damaged.write_bytes(bytes(blob))
+    capsys.readouterr()
+    resumed = train(load_config(None, small(tmp_path / "part", data_cache, **over,
+                                            **{"run.resume": True})))  # fmt: skip
+    err = capsys.readouterr().err
+    assert "skipping damaged checkpoint" in err and "step_0000004" in err and "checksum" in err
+    assert resumed.completed
+    assert exact(read_metrics(tmp_path / "part")) == exact(read_metrics(tmp_path / "full"))
+
+
+def test_disk_full_while_checkpointing_keeps_the_previous_one(tmp_path, data_cache, capsys,
+                                                               monkeypatch):  # fmt: skip
+    import errno
+
+    over = small(tmp_path / "run", data_cache, **{"run.steps": 6, "run.ckpt_every": 2})
+    real_save = ckpt.save_model
+
+    def save_model(model, path, *args, **kwargs):
+        if "step_0000004" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(model, path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_model", save_model)
+    code = main(["train", "--no-report", *cli_args(over)])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert "could not write checkpoint step_0000004" in err and "no space left" in err.lower()
+    latest, skipped = ckpt.latest_intact_checkpoint(tmp_path / "run")
+    assert latest.name == "step_0000002" and not skipped
+    assert not [p for p in (tmp_path / "run/checkpoints").iterdir() if p.name.startswith(".")]
+    monkeypatch.setattr(ckpt, "save_model", real_save)  # space freed: the run continues
+    assert main(["train", "--resume", "--no-report", "--out", str(tmp_path / "run")]) == 0

@@ -109,9 +109,10 @@ def check_can_start(base: TrainConfig, recipes: Sequence[str], out: str | Path) 
 def compare_and_print(base: TrainConfig, recipes: Sequence[str], out: str | Path) -> int:
     """Run :func:`mxfp8.compare.compare`, print the table of final results and the report path.
 
-    Shared by ``mxfp8 compare`` and ``mxfp8 demo``. Returns the exit status: 0, or 1 when a run
-    failed; a comparison that cannot start raises a :class:`mxfp8.errors.UserError` (or another
-    of :data:`mxfp8.errors.USER_ERRORS`) before any run starts.
+    Shared by ``mxfp8 compare`` and ``mxfp8 demo``. Returns the exit status: 0, 1 when a run
+    failed, or 128 + the signal (143, 130) when SIGTERM / Ctrl-C stopped it after a
+    checkpoint. A comparison that cannot start raises a :class:`mxfp8.errors.UserError` (or
+    another of :data:`mxfp8.errors.USER_ERRORS`) before any run starts.
     """
     from mxfp8.compare import CompareError, compare
 
@@ -125,9 +126,12 @@ def compare_and_print(base: TrainConfig, recipes: Sequence[str], out: str | Path
     for name, why in result.failed.items():
         print(f"{name}: FAILED: {why}", file=sys.stderr)
     if result.incomplete:
-        print(f"stopped early: {', '.join(result.incomplete)}; run the same command again "
+        why = f" by {result.stopped_by}" if result.stopped_by else ""
+        print(f"stopped early{why}: {', '.join(result.incomplete)}; run the same command again "
               f"to continue", file=sys.stderr)  # fmt: skip
     print(f"report: {result.report}" if result.report else "no report: no run produced data")
+    if result.stopped_by:
+        return result.exit_code
     return 1 if result.failed else 0
 
 

@@ -172,8 +172,10 @@ def run_config(cfg: TrainConfig, *, report: bool = True) -> int:
 
     0: the run completed, or it was already complete (a resume changes nothing then).
     128 + signal (143 for SIGTERM, 130 for SIGINT): stopped by a signal after a checkpoint.
-    1: stopped after too many non-finite steps. Config and resume errors propagate (exit 2).
+    1: stopped after too many non-finite steps, or a checkpoint could not be written or read.
+    Config and resume errors propagate (mxfp8.cli.main: exit 2).
     """
+    from mxfp8.train.checkpoint import CheckpointError
     from mxfp8.train.loop import NonFiniteError, RunComplete, train
     from mxfp8.train.preempt import Aborted
 
@@ -187,7 +189,7 @@ def run_config(cfg: TrainConfig, *, report: bool = True) -> int:
         print(f"mxfp8 train: {done}")
         print(f"run directory: {done.run_dir}")
         return 0
-    except NonFiniteError as e:
+    except (NonFiniteError, CheckpointError) as e:  # e.g. the disk filled up: not a usage error
         print(f"mxfp8 train: error: {e}", file=sys.stderr)
         return 1
     if result.completed:

@@ -22,6 +22,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from mxfp8.fileio import replace_atomically
+
 # at most this many bad line numbers are named in one warning (a binary file has thousands)
 _NAMED_LINES = 5
 
@@ -92,30 +94,9 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def _replace(path: Path, lines: Iterable[bytes]) -> None:
-    """Give ``path`` the content ``lines`` atomically: write a temporary file next to it,
-    flush it to disk, rename it over ``path`` and flush the directory. A kill at any point
-    leaves either the old file or the new one (and maybe a stray ``.tmp`` file, overwritten
-    by the next repair and read by nobody)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with tmp.open("wb") as fh:
-            fh.writelines(lines)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """Give ``path`` the content ``lines`` atomically (:mod:`mxfp8.fileio`): a kill at any
+    point leaves either the old file or the new one."""
+    replace_atomically(path, lines)
 
 
 def _step(row: dict[str, Any]) -> float:

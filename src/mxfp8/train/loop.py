@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mxfp8.fileio import write_text_atomically
 from mxfp8.stats import divergence, telemetry
 from mxfp8.train import checkpoint as ckpt
 from mxfp8.train import session as session_mod
@@ -77,13 +78,6 @@ def evaluate(model: nn.Module, batches, device: torch.device) -> float:
     return total / len(batches)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` by ``text`` in one rename: a reader (or a crash) sees old or new."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def _say(cfg: TrainConfig, text: str) -> None:
     if cfg.run.progress:
         print(text, file=sys.stderr, flush=True)
@@ -113,7 +107,7 @@ def _restore_summary(run_dir: Path, checkpoint: Path | None) -> None:
         return
     state = ckpt.load_state(checkpoint)
     if state.get("summary"):
-        write_atomic(run_dir / SUMMARY_FILE, json.dumps(state["summary"], indent=2) + "\n")
+        write_text_atomically(run_dir / SUMMARY_FILE, json.dumps(state["summary"], indent=2) + "\n")
 
 
 def _summary(s: Session, val_loss: float | None, hooks: list[TrainHook]) -> dict[str, Any]:
@@ -163,7 +157,7 @@ def train(cfg: TrainConfig, *, hooks: list[TrainHook] | tuple = ()) -> RunResult
     if start.checkpoint is not None:
         s.load(start.checkpoint)
         _say(cfg, f"resumed from {start.checkpoint} at step {s.step}")
-    write_atomic(run_dir / "config.toml", cfg.to_toml())
+    write_text_atomically(run_dir / "config.toml", cfg.to_toml())
 
     forward = torch.compile(s.model) if run.compile else s.model
     end = min(run.steps, s.step + run.stop_after) if run.stop_after else run.steps
@@ -225,7 +219,7 @@ def train(cfg: TrainConfig, *, hooks: list[TrainHook] | tuple = ()) -> RunResult
     )
     if summary is not None:
         result.summary = summary
-        write_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+        write_text_atomically(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     for h in hooks:
         h.on_train_end(result)
     return result

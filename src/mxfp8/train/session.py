@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,6 +186,12 @@ def build(cfg: TrainConfig, run_dir: Path, say) -> Session:
     n_mx = len(report.converted) if report is not None else 0
     say(f"model: {cfg.model.preset}, {model.num_params():,} parameters; recipe "
         f"{recipe.name}: {n_mx} linear layers quantized")  # fmt: skip
+    odd = {n: r for n, r in (report.kept.items() if report else ()) if "multiple of" in r}
+    if odd:  # said even without progress output: the user asked for a quantized run
+        name, why = next(iter(odd.items()))
+        print(f"mxfp8 train: warning: {len(odd)} linear layer(s) stay in high precision because "
+              f"a dim is not a multiple of the recipe's block size (e.g. {name}: {why})",
+              file=sys.stderr)  # fmt: skip
     optimizer = build_optimizer(model, cfg.optim)
     schedule = Schedule(optimizer, cfg.schedule, total=run.steps)
     mode = cfg.loss_scale.enabled
