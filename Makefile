@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/quantize.py
 	$(BIN)/python benchmarks/linear.py
 	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/memory.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts

@@ -1,4 +1,5 @@
-"""The Llama-style model: shapes, presets, names recipes rely on, GQA, causality, init."""
+"""The Llama-style model: shapes, presets, names recipes rely on, GQA, causality, init, and
+activation checkpointing (in depth, with recipes: tests/train/test_activation_checkpointing.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import nn
 
 from mxfp8.train.model import (
     MODEL_PRESETS,
+    ActivationCheckpointing,
     ModelConfig,
     Transformer,
     apply_rope,
@@ -192,6 +194,38 @@ def test_runs_under_bf16_autocast_on_cpu():
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+
+
+def test_activation_checkpointing_is_off_by_default_and_exact_in_fp32():
+    """The plain fp32 model (no recipe, no autocast): same loss and gradients, same weights
+    saved, fewer tensors kept for backward; eval forwards are untouched."""
+    torch.manual_seed(5)
+    plain = Transformer(small())
+    assert plain.activation_checkpointing is ActivationCheckpointing.NONE
+    ckpt = Transformer(small())
+    ckpt.load_state_dict(plain.state_dict())
+    assert ckpt.set_activation_checkpointing("block") is ckpt
+    assert ckpt.activation_checkpointing is ActivationCheckpointing.BLOCK
+    assert ckpt.state_dict().keys() == plain.state_dict().keys()  # not a weight
+    idx = torch.randint(0, SMALL["vocab_size"], (2, 16))
+
+    def loss_and_saved(model):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            _, loss = model(idx, idx)
+        loss.backward()
+        return loss, len(saved)
+
+    (la, na), (lb, nb) = loss_and_saved(plain), loss_and_saved(ckpt)
+    assert torch.equal(la, lb) and nb < na
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad), name
+    plain.eval(), ckpt.eval()
+    assert torch.equal(plain(idx)[0], ckpt(idx)[0])
+    ckpt.set_activation_checkpointing(ActivationCheckpointing.NONE)
+    with pytest.raises(ValueError, match="choose one of 'none', 'block'"):
+        ckpt.set_activation_checkpointing("layer")
+    assert ckpt.activation_checkpointing is ActivationCheckpointing.NONE  # unchanged
 
 
 @pytest.mark.parametrize(

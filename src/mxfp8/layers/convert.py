@@ -52,6 +52,21 @@ class ConversionReport:
 
     recipe: str
     decisions: list[ModuleDecision] = field(default_factory=list)
+    block_size: int = 0  # MX block size; 0 for per-tensor recipes (one fp32 scale a tensor)
+    copies: int = 0  # quantized weight copies a layer caches in a step window
+
+    @property
+    def weight_cache_bytes(self) -> int:
+        """The most the converted layers' weight caches hold at once, inside a step window:
+        per layer, its cached FP8 copies (1 byte per weight) plus their E8M0 scales (1 byte
+        per block of ``block_size``); nothing outside a window."""
+        total = 0
+        for d in self.decisions:
+            if d.converted:
+                n = d.in_features * d.out_features
+                scales = n // self.block_size if self.block_size else 4  # or one fp32 scale
+                total += self.copies * (n + scales)
+        return total
 
     @property
     def converted(self) -> list[str]:
@@ -65,7 +80,8 @@ class ConversionReport:
     def __str__(self) -> str:
         lines = [
             f"convert_model(recipe={self.recipe}): {len(self.converted)} linear layers "
-            f"converted, {len(self.kept)} kept in high precision"
+            f"converted, {len(self.kept)} kept in high precision; weight cache at most "
+            f"{self.weight_cache_bytes / 2**20:.1f} MiB (FP8 copies, inside a step window only)"
         ]
         width = max((len(d.name) for d in self.decisions), default=0)
         for d in self.decisions:
@@ -102,7 +118,10 @@ def convert_model(model: nn.Module, recipe: Recipe, *, compile_quantize: bool = 
     The report is at ``model.mxfp8_report``. ``compile_quantize`` runs the MX fake-quantize
     through torch.compile (fast on CPU once compiled; see MXLinear).
     """
-    report = ConversionReport(recipe.name)
+    mx = recipe.scaling is ScalingKind.MX
+    report = ConversionReport(
+        recipe.name, block_size=recipe.block_size if mx else 0, copies=2 if mx else 1
+    )
     targets: list[tuple[str, nn.Linear]] = [
         (name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)
     ]

@@ -26,63 +26,16 @@ from typing import Any
 import torch
 
 from mxfp8.layers.recipe import Backend
-
-# cuBLAS block-scale tiles: 128 rows x 4 scale columns, stored as 512 contiguous bytes
-_TILE_ROWS, _TILE_COLS = 128, 4
+from mxfp8.layers.scale_layout import (  # noqa: F401 - re-exported: part of this API
+    blocked_scale_offset,
+    from_blocked_scales,
+    to_blocked_scales,
+)
+from mxfp8.numerics.tensor import MXTensor
 
 
 class BackendUnavailableError(RuntimeError):
     """The requested GEMM backend cannot run on this machine."""
-
-
-def _ceil_to(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
-def blocked_scale_offset(row: int, col: int, n_cols: int) -> int:
-    """Byte offset of scale (row, col) in the cuBLAS blocked layout of a [rows, n_cols] scale.
-
-    The matrix is cut into 128x4 tiles, tiles stored row-major (n_col_tiles per tile row), and
-    inside a tile, row r and column c go to (r % 32) * 16 + (r // 32) * 4 + c: the four
-    32-row groups are interleaved so that one 16-byte load holds 4 rows x 4 scales.
-    Scalar and simple on purpose: it is the oracle of :func:`to_blocked_scales`.
-    """
-    n_col_tiles = _ceil_to(n_cols, _TILE_COLS) // _TILE_COLS
-    tile = (row // _TILE_ROWS) * n_col_tiles + col // _TILE_COLS
-    r, c = row % _TILE_ROWS, col % _TILE_COLS
-    return tile * _TILE_ROWS * _TILE_COLS + (r % 32) * 16 + (r // 32) * 4 + c
-
-
-def to_blocked_scales(scale: torch.Tensor) -> torch.Tensor:
-    """[rows, cols] scales (one per 32-element block along K) -> flat cuBLAS blocked layout.
-
-    Rows are padded to a multiple of 128 and columns to a multiple of 4 (padding bytes are
-    zero; the hardware never reads them for in-range data). Works on any device and dtype
-    (e8m0 scales are moved as uint8 bytes).
-    """
-    if scale.dim() != 2:
-        raise ValueError(f"expected a 2-D scale matrix, got shape {tuple(scale.shape)}")
-    dtype = scale.dtype
-    s = scale.view(torch.uint8) if dtype == torch.float8_e8m0fnu else scale
-    rows, cols = s.shape
-    pr, pc = _ceil_to(rows, _TILE_ROWS), _ceil_to(cols, _TILE_COLS)
-    padded = s.new_zeros((pr, pc))
-    padded[:rows, :cols] = s
-    # (row_tiles, 4 groups of 32 rows, 32, col_tiles, 4): row = t*128 + g*32 + i
-    t = padded.view(pr // _TILE_ROWS, 4, 32, pc // _TILE_COLS, _TILE_COLS)
-    # tile-major, then i (row within group), then g, then c: offset i*16 + g*4 + c
-    out = t.permute(0, 3, 2, 1, 4).reshape(-1)
-    return out.view(dtype) if dtype == torch.float8_e8m0fnu else out
-
-
-def from_blocked_scales(flat: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """Inverse of :func:`to_blocked_scales` (drops the padding)."""
-    dtype = flat.dtype
-    f = flat.view(torch.uint8) if dtype == torch.float8_e8m0fnu else flat
-    pr, pc = _ceil_to(rows, _TILE_ROWS), _ceil_to(cols, _TILE_COLS)
-    t = f.view(pr // _TILE_ROWS, pc // _TILE_COLS, 32, 4, _TILE_COLS)
-    out = t.permute(0, 3, 2, 1, 4).reshape(pr, pc)[:rows, :cols].contiguous()
-    return out.view(dtype) if dtype == torch.float8_e8m0fnu else out
 
 
 def _source(hp: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
@@ -99,6 +52,17 @@ class _NTOperand:
 
     data: torch.Tensor
     scale: torch.Tensor
+
+
+@dataclass(frozen=True)
+class StoredMX:
+    """An emulated-backend operand kept beyond the call that made it (the wgrad copy of x,
+    cached weight copies): the FP8 codes and E8M0 scales of the *source* tensor, blocked
+    along ``q.dim``, 8.25 bits per element; ``transposed``: the operand is the source's
+    transpose (a column-wise copy). :meth:`EmulatedBackend.load_mx` dequantizes it."""
+
+    q: Any  # MXTensor of the source
+    transposed: bool
 
 
 @dataclass(frozen=True)
@@ -193,16 +157,7 @@ class EmulatedBackend:
         from mxfp8.numerics.rowcol import fake_quantize_rowcol
 
         bs = spec_row.block_size
-        if (
-            not self.compiled
-            or torch.compiler.is_compiling()
-            or spec_row != spec_col
-            or hp.dim() != 2
-            or not hp.is_contiguous()
-            or hp.shape[0] % bs
-            or hp.shape[1] % bs
-            or hp.device.type != "cpu"
-        ):
+        if not self._pair_applies(hp, spec_row, spec_col):
             return None
         dt = _emulated_dtype(out_dtype)
         bufs = tuple(
@@ -219,6 +174,92 @@ class EmulatedBackend:
             out=tuple(torch.empty_like(hp, dtype=dt) if b is None else b for b in bufs),
         )
         return row, col.t()
+
+    # --- operands kept beyond the call: stored as MX, dequantized when used -------------
+    def _fast_kernels(self) -> bool:
+        return self.compiled and not torch.compiler.is_compiling()
+
+    def store_mx(
+        self, hp: torch.Tensor, spec: MXSpec, *, want_q: bool = False
+    ) -> tuple[StoredMX, Any]:
+        """Quantize a 2-D operand along its last dim into codes and scales (see
+        :class:`StoredMX`); returns (stored, the MXTensor for an observer)."""
+        from mxfp8.numerics.quantize import quantize
+
+        src, dim, transposed = _source(hp)
+        compiled = self.compiled or torch.compiler.is_compiling()
+        q = quantize(src, spec.fmt, dim=dim, compiled=compiled, **_quantize_kwargs(spec))
+        return StoredMX(q, transposed), q
+
+    def load_mx(self, stored: StoredMX, out_dtype: torch.dtype) -> torch.Tensor:
+        """The GEMM operand of a stored copy: its dequantized values (exact in the operand
+        dtype), transposed back when the copy was column-wise. One pass over the codes."""
+        from mxfp8.numerics.quantize import dequantize
+
+        deq = dequantize(stored.q, _emulated_dtype(out_dtype), compiled=self._fast_kernels())
+        return deq.t() if stored.transposed else deq
+
+    def store_pair(
+        self, hp: torch.Tensor, spec_row: MXSpec, spec_col: MXSpec
+    ) -> tuple[StoredMX, StoredMX] | None:
+        """Both stored copies of a 2-D tensor [R, C] from shared passes: along C (as [R, C])
+        and along R (as [C, R]); None when the shared kernel does not apply."""
+        from mxfp8.numerics.rowcol import quantize_rowcol
+
+        if not self._pair_applies(hp, spec_row, spec_col):
+            return None
+        row, col = quantize_rowcol(hp, spec_row.fmt, block_size=spec_row.block_size,
+                                   scale_rule=spec_row.scale_rule, compiled=True)  # fmt: skip
+        return StoredMX(row, False), StoredMX(col, True)
+
+    def quantize_and_store(
+        self,
+        x: torch.Tensor,
+        spec_row: MXSpec,
+        spec_col: MXSpec,
+        out_dtype: torch.dtype,
+        *,
+        out_row: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, StoredMX] | None:
+        """x [M, K] along K as an operand to use now (in ``out_row`` if it fits), and x^T
+        [K, M] along M (tokens, zero-padding a partial last block) as a stored copy, from
+        shared passes where the shared kernel applies; None when the two copies need
+        different formats (the caller then makes them one by one)."""
+        from mxfp8.numerics.rowcol import fake_and_quantize_rowcol
+
+        if spec_row != spec_col or x.dim() != 2:
+            return None
+        dt = _emulated_dtype(out_dtype)
+        if out_row is not None and (out_row.shape != x.shape or out_row.dtype != dt):
+            out_row = None
+        compiled = self.compiled or torch.compiler.is_compiling()
+        row, col = fake_and_quantize_rowcol(x, spec_row.fmt, block_size=spec_row.block_size,
+                                            scale_rule=spec_row.scale_rule, compiled=compiled,
+                                            out_dtype=dt, out_row=out_row)  # fmt: skip
+        return row, StoredMX(col, True)
+
+    @staticmethod
+    def pack(stored: StoredMX) -> tuple[tuple[torch.Tensor, ...], Any]:
+        """(tensors for ``save_for_backward``, a tensor-free description to rebuild it)."""
+        q = stored.q
+        return (q.data, q.scale), (q.fmt, q.block_size, q.dim, q.scale_rule, stored.transposed)
+
+    @staticmethod
+    def unpack(tensors: tuple[torch.Tensor, ...], meta: Any) -> StoredMX:
+        fmt, block_size, dim, rule, transposed = meta
+        return StoredMX(MXTensor(tensors[0], tensors[1], fmt, block_size, dim, rule), transposed)
+
+    def _pair_applies(self, hp: torch.Tensor, spec_row: MXSpec, spec_col: MXSpec) -> bool:
+        bs = spec_row.block_size
+        return (
+            self._fast_kernels()
+            and spec_row == spec_col
+            and hp.dim() == 2
+            and hp.is_contiguous()
+            and hp.shape[0] % bs == 0
+            and hp.shape[1] % bs == 0
+            and hp.device.type == "cpu"
+        )
 
     def mm_nt(self, a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         out = torch.mm(a, b.t())  # [M, K] x [K, N], fp32 accumulation in both dtypes
@@ -279,6 +320,27 @@ class ScaledMMBackend:
     def quantize_pair(self, hp, spec_row, spec_col, out_dtype, *, out_row=None, out_col=None):
         """No shared row+column kernel here: the caller quantizes each copy itself."""
         return None
+
+    # its operands are FP8 codes and scales already: storing one is keeping it
+    def store_mx(self, hp: torch.Tensor, spec: MXSpec, *, want_q: bool = False):
+        return self.quantize_mx(hp, spec, torch.bfloat16, want_q=want_q)
+
+    def load_mx(self, stored: Any, out_dtype: torch.dtype) -> Any:
+        return stored
+
+    def store_pair(self, hp, spec_row, spec_col):
+        return None
+
+    def quantize_and_store(self, x, spec_row, spec_col, out_dtype, *, out_row=None):
+        return None
+
+    @staticmethod
+    def pack(stored: Any) -> tuple[tuple[torch.Tensor, ...], Any]:
+        return (stored.data, stored.scale), None
+
+    @staticmethod
+    def unpack(tensors: tuple[torch.Tensor, ...], meta: Any) -> Any:
+        return _NTOperand(tensors[0], tensors[1])
 
     def mm_nt(self, a: Any, b: Any, out_dtype: torch.dtype) -> torch.Tensor:
         sa = to_blocked_scales(a.scale)

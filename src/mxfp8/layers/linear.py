@@ -58,8 +58,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mxfp8.layers.gemm import MXSpec, select_backend
-from mxfp8.layers.mx_function import MXLinearFunction, MXPlan
+from mxfp8.layers.mx_function import MXLinearFunction, MXPlan, mx_forward, weight_cache_nbytes
 from mxfp8.layers.recipe import GEMM_OPERANDS, Recipe, ScalingKind, recipe
+from mxfp8.layers.recompute import is_recomputing
+from mxfp8.layers.scratch import SHARED
 from mxfp8.layers.tensorwise_function import DelayedState, TensorwiseLinearFunction
 
 Observer = Any  # Callable[[MXLinear, str, str, Tensor, MXTensor | TensorwiseFP8], None]
@@ -97,10 +99,9 @@ class MXLinear(nn.Linear):
         # shape compiles (seconds), so tests keep it off and training/benchmarks turn it on
         self.compile_quantize = compile_quantize
         self.weight_quantizations = 0
-        # reuse per-layer scratch buffers for operands that die within a call (CPU: fresh
-        # large allocations are page-fault bound); costs ~2 activation-sized buffers per layer
+        # operands that die within a call go to the process-wide scratch pool on CPU, and
+        # layers reading the same x share its copies (mxfp8.layers.scratch); False: neither
         self.reuse_buffers = True
-        self._scratch: dict[str, torch.Tensor] = {}
         self._weight_cache: dict[tuple, Any] = {}
         self._window_open = False  # set by step_window: the only time the cache is used
         self._plans: dict[tuple, MXPlan] = {}
@@ -155,8 +156,13 @@ class MXLinear(nn.Linear):
         return f"{super().extra_repr()}, recipe={self.recipe.name}"
 
     def recording(self) -> bool:
-        """Whether this call's amaxes count for delayed scaling (training forward only)."""
-        return self.training and torch.is_grad_enabled()
+        """Whether this call's amaxes count for delayed scaling: a training forward, not a
+        recomputation of one (activation checkpointing, :mod:`mxfp8.layers.recompute`)."""
+        return self.training and torch.is_grad_enabled() and not is_recomputing()
+
+    def observing(self) -> Observer | None:
+        """The observer, unless this forward is a recomputation (telemetry counts once)."""
+        return None if is_recomputing() else self.observer
 
     # --- step window (see mxfp8.layers.step) ----------------------------------------------
     def _open_window(self) -> None:
@@ -172,6 +178,11 @@ class MXLinear(nn.Linear):
         """The step's forwards are over (the optimizer may now write): drop the cache."""
         self._window_open = False
         self._weight_cache.clear()
+        SHARED.clear()  # the shared input copy of the last forward: no longer needed
+
+    def weight_cache_nbytes(self) -> int:
+        """Bytes the quantized weight cache holds now (0 outside a step window)."""
+        return weight_cache_nbytes(self)
 
     # --- forward ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -192,7 +203,10 @@ class MXLinear(nn.Linear):
     def _forward_mx(self, x2d: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
         plan = self._plan(x2d.device, dt)
         layer = None if torch.compiler.is_compiling() else self
+        grad = torch.is_grad_enabled() and (x2d.requires_grad or self.weight.requires_grad)
         with torch.autocast(x2d.device.type, enabled=False):  # dtypes are handled explicitly
+            if not grad:  # inference: the forward GEMM only, nothing kept for backward
+                return mx_forward(x2d, self.weight, plan, layer)
             return MXLinearFunction.apply(x2d, self.weight, plan, layer)
 
     @torch.compiler.disable  # python-side scaling state: runs eagerly inside compiled models
@@ -214,7 +228,7 @@ class MXLinear(nn.Linear):
                 for o in ops
             }
             backend = select_backend(r.backend, device, compiled=self.compile_quantize)
-            plan = self._plans[key] = MXPlan(specs, backend, dt)
+            plan = self._plans[key] = MXPlan(specs, backend, dt, r.saved_input)
         return plan
 
 

@@ -14,9 +14,25 @@ along one axis with one shared scale; transposing a row-quantized tensor gives b
 the wrong axis, and re-quantizing it would round twice. So x, W and dy are each quantized
 twice, once per axis, always from the original values.
 
-The wgrad copy of x is made in the forward (while x is hot in cache) and saved instead of x.
-The weight's two copies are cached only inside a step window (:func:`weight_operand`,
-:mod:`mxfp8.layers.step`); outside one, each call quantizes the weight fresh.
+What is kept, and in which form (the memory of an MX layer):
+
+- the wgrad copy of x is made in the forward (while x is hot in cache) and saved for backward
+  instead of x, as MX (FP8 codes plus E8M0 scales, 8.25 bits per element; the backend's
+  ``store_mx``), and dequantized in backward (``load_mx``), bit-identical to keeping the
+  dequantized copy. ``Recipe.saved_input = bf16`` saves bf16 x instead and quantizes the wgrad
+  copy from it in backward;
+- the weight's two copies are cached only inside a step window (:func:`weight_operand`,
+  :mod:`mxfp8.layers.step`), stored as MX too and dequantized at each use; outside a window
+  each call quantizes the weight fresh;
+- operands that die within the call (the fprop copy of x, the two copies of dy) go to the
+  shared scratch pool on CPU, and layers reading the same x (q/k/v, w1/w3) share its copies
+  (:mod:`mxfp8.layers.scratch`);
+- in a forward that needs no gradient (``no_grad``, inference, or frozen inputs and weights)
+  neither the wgrad copy of x nor the dgrad copy of W is made.
+
+Nothing but tensors goes through ``save_for_backward``: a saved operand's description is kept
+on ``ctx`` without tensors, so ``saved_tensors_hooks`` (activation checkpointing, memory
+accounting) see every saved byte.
 """
 
 from __future__ import annotations
@@ -27,6 +43,8 @@ from typing import Any
 import torch
 
 from mxfp8.layers.gemm import EmulatedBackend, MXSpec, ScaledMMBackend
+from mxfp8.layers.recipe import SavedInput
+from mxfp8.layers.scratch import POOL, SHARED
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,53 +54,90 @@ class MXPlan:
     specs: dict[tuple[str, str], MXSpec]  # (gemm, operand) -> how to quantize it
     backend: EmulatedBackend | ScaledMMBackend
     compute_dtype: torch.dtype  # dtype of the GEMM outputs (bf16 under autocast)
+    saved_input: SavedInput = SavedInput.MX
 
 
-def _pack(op: Any) -> tuple[torch.Tensor, ...]:
-    """A backend operand as tensors that ``save_for_backward`` can hold."""
-    return (op,) if isinstance(op, torch.Tensor) else (op.data, op.scale)
+def scratch(layer, role: str, like: torch.Tensor, dtype=None) -> torch.Tensor | None:
+    """A pooled buffer shaped like ``like`` for an operand consumed within the call (see
+    :mod:`mxfp8.layers.scratch`); None under torch.compile, off CPU, or when
+    ``layer.reuse_buffers`` is False."""
+    if layer is None or not layer.reuse_buffers:
+        return None
+    return POOL.get(role, like, dtype)
 
 
-def _unpack(saved: tuple[torch.Tensor, ...], like: Any) -> Any:
-    if len(saved) == 1:
-        return saved[0]
-    import dataclasses
-
-    return dataclasses.replace(like, data=saved[0], scale=saved[1])
+def _x_copies(x2d, plan: MXPlan, layer, want: bool, need_wgrad: bool):
+    """(fprop operand of x, what is saved for wgrad, qx, qxt) of one forward; what is saved
+    is None or (kind, value): "stored" (the backend's stored copy), "hp" (bf16 x) or
+    "operand" (the GEMM operand itself, under a caller's torch.compile)."""
+    be, dt = plan.backend, plan.compute_dtype
+    spec, spec_t = plan.specs["fprop", "input"], plan.specs["wgrad", "input"]
+    mode = plan.saved_input if need_wgrad else None
+    share = layer is not None and not want and layer.reuse_buffers
+    extra = (spec, spec_t, dt, be.name, mode)
+    if share:
+        hit = SHARED.lookup(x2d, *extra)
+        if hit is not None:
+            return hit.operand, hit.stored, None, None
+    x_buf = None if want else scratch(layer, "x", x2d, torch.bfloat16 if dt == torch.bfloat16
+                                      else torch.float32)  # fmt: skip
+    xq = stored = qx = qxt = None
+    if mode is SavedInput.MX and torch.compiler.is_compiling():
+        # inside a caller's torch.compile (whole-model compile, not recommended for MX
+        # recipes) dynamo refuses saved views of traced intermediates: keep the wgrad
+        # operand itself, dequantized, as before MX storage (more memory, same numbers)
+        xq, _ = be.quantize_mx(x2d, spec, dt)
+        return xq, ("operand", be.quantize_mx(x2d.t(), spec_t, dt)[0]), None, None
+    if share or x_buf is not None:
+        SHARED.clear()  # the pool's x buffer is about to be rewritten
+    if mode is SavedInput.MX and not want:
+        # both copies of x (along K now; x^T along tokens, kept) in shared passes
+        both = be.quantize_and_store(x2d, spec, spec_t, dt, out_row=x_buf)
+        if both is not None:
+            xq, stored = both
+    if xq is None:
+        xq, qx = be.quantize_mx(x2d, spec, dt, want_q=want, out=x_buf)
+        if mode is SavedInput.MX:  # x^T [K, M], blocks along M, from the high-precision x
+            stored, qxt = be.store_mx(x2d.t(), spec_t, want_q=want)
+    if mode is SavedInput.BF16:
+        stored = x2d if x2d.dtype == torch.bfloat16 else x2d.to(torch.bfloat16)
+        if want:  # what backward will quantize, for the observer
+            qxt = be.store_mx(stored.t(), spec_t, want_q=True)[1]
+    saved = None if stored is None else ("hp" if mode is SavedInput.BF16 else "stored", stored)
+    if share:
+        SHARED.put(x2d, extra, xq, saved)
+    return xq, saved, qx, qxt
 
 
 class MXLinearFunction(torch.autograd.Function):
     """forward(x2d [M, K], weight [N, K], plan, layer) -> y [M, N] in plan.compute_dtype.
 
     ``layer`` (the MXLinear, or None under torch.compile) provides the weight-operand cache
-    and the telemetry observer.
+    and the telemetry observer. Only used when a gradient is needed (see :func:`mx_forward`).
     """
 
     @staticmethod
     def forward(ctx, x2d, weight, plan: MXPlan, layer):  # type: ignore[override]
         be, dt = plan.backend, plan.compute_dtype
-        obs = None if layer is None else layer.observer
+        obs = None if layer is None else layer.observing()
         want = obs is not None
-        spec, spec_t = plan.specs["fprop", "input"], plan.specs["wgrad", "input"]
-        x_buf = scratch(layer, "x", x2d, dt)  # the operand dtype (x may be fp32 under autocast)
-        # both copies of x (along K for fprop; x^T [K, M] along M for wgrad) in shared passes
-        pair = None if want else be.quantize_pair(x2d, spec, spec_t, dt, out_row=x_buf)
-        if pair is not None:
-            (xq, xtq), qx, qxt = pair, None, None
-        else:
-            xq, qx = be.quantize_mx(x2d, spec, dt, want_q=want, out=x_buf)
-        wq, qw = weight_operand(layer, weight, plan, "fprop")
+        need_dgrad, need_wgrad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        xq, stored, qx, qxt = _x_copies(x2d, plan, layer, want, need_wgrad)
+        wq, qw = weight_operand(layer, weight, plan, "fprop", pair=need_dgrad)
         y = be.mm_nt(xq, wq, dt)  # [M, N]
-        if pair is None:
-            # wgrad operand: x^T [K, M], blocks along M (tokens), from the high-precision x
-            xtq, qxt = be.quantize_mx(x2d.t(), spec_t, dt, want_q=want)
         if obs is not None:
             obs(layer, "fprop", "input", x2d, qx)
             obs(layer, "fprop", "weight", weight, qw)
-            obs(layer, "wgrad", "input", x2d, qxt)
-        packed = _pack(xtq)
-        ctx.xt_like = None if len(packed) == 1 else xtq
-        ctx.save_for_backward(weight, *packed)
+            if need_wgrad:
+                obs(layer, "wgrad", "input", x2d, qxt)
+        kind, value = stored if stored is not None else (None, None)
+        if kind is None:
+            tensors, ctx.stored_meta = (), None
+        elif isinstance(value, torch.Tensor):  # bf16 x, or an emulated operand
+            tensors, ctx.stored_meta = (value,), kind
+        else:
+            tensors, ctx.stored_meta = be.pack(value)
+        ctx.save_for_backward(weight, *tensors)
         ctx.plan, ctx.layer = plan, layer
         ctx.x_dtype = x2d.dtype
         return y
@@ -91,7 +146,7 @@ class MXLinearFunction(torch.autograd.Function):
     def backward(ctx, dy):  # type: ignore[override]
         plan, layer = ctx.plan, ctx.layer
         be, dt = plan.backend, plan.compute_dtype
-        weight, *packed = ctx.saved_tensors
+        weight, *tensors = ctx.saved_tensors
         obs = None if layer is None else layer.observer
         want = obs is not None
         dy = dy.reshape(-1, dy.shape[-1]).to(dt)  # [M, N]
@@ -119,37 +174,33 @@ class MXLinearFunction(torch.autograd.Function):
             else:
                 buf = scratch(layer, "dyT", dy)  # the source dy's shape: blocks along its dim 0
                 dytq, qdyt = be.quantize_mx(dy.t(), spec_t, dt, want_q=want, out=buf)
-            xtq = _unpack(tuple(packed), ctx.xt_like)
+            if ctx.stored_meta == "hp":  # saved_input = bf16: quantize x^T along tokens now
+                xtq, _ = be.quantize_mx(tensors[0].t(), plan.specs["wgrad", "input"], dt)
+            elif ctx.stored_meta == "operand":  # kept as the operand itself (torch.compile)
+                xtq = tensors[0]
+            else:
+                xtq = be.load_mx(be.unpack(tuple(tensors), ctx.stored_meta), dt)
             dw = be.mm_nt(dytq, xtq, dt).to(weight.dtype)  # [N, M] x [M, K] -> [N, K]
             if obs is not None:
                 obs(layer, "wgrad", "grad_output", dy, qdyt)
         return dx, dw, None, None
 
 
-def scratch(layer, key: str, like: torch.Tensor, dtype=None) -> torch.Tensor | None:
-    """A per-layer buffer shaped like ``like`` (of ``dtype``, default like's) for an operand
-    consumed within the same call.
-
-    Only operands that die before the call returns use it (x for fprop, dy's two copies in
-    backward); the saved wgrad copy of x never does, so two forwards before one backward
-    stay correct. Off under torch.compile and when ``layer.reuse_buffers`` is False.
-    """
-    if layer is None or not layer.reuse_buffers:
-        return None
-    buf = layer._scratch.get(key)
-    if (
-        buf is None
-        or buf.shape != like.shape
-        or buf.dtype != (dtype or like.dtype)
-        or buf.device != like.device
-    ):
-        buf = layer._scratch[key] = torch.empty_like(
-            like, dtype=dtype or like.dtype, memory_format=torch.contiguous_format
-        )
-    return buf
+def mx_forward(x2d: torch.Tensor, weight: torch.Tensor, plan: MXPlan, layer) -> torch.Tensor:
+    """The MX forward GEMM alone, for calls that need no gradient (``no_grad``, eval with
+    frozen weights...): no wgrad copy of x, no dgrad copy of W, nothing saved."""
+    obs = None if layer is None else layer.observing()
+    xq, _, qx, _ = _x_copies(x2d, plan, layer, obs is not None, need_wgrad=False)
+    wq, qw = weight_operand(layer, weight, plan, "fprop", pair=False)
+    if obs is not None:
+        obs(layer, "fprop", "input", x2d, qx)
+        obs(layer, "fprop", "weight", weight, qw)
+    return plan.backend.mm_nt(xq, wq, plan.compute_dtype)
 
 
-def weight_operand(layer, weight: torch.Tensor, plan: MXPlan, gemm: str) -> tuple[Any, Any]:
+def weight_operand(
+    layer, weight: torch.Tensor, plan: MXPlan, gemm: str, *, pair: bool = True
+) -> tuple[Any, Any]:
     """The quantized weight for ``gemm`` ("fprop": W along K, "dgrad": W^T along N).
 
     Quantized fresh from ``weight`` at every call, except inside a step window
@@ -161,34 +212,57 @@ def weight_operand(layer, weight: torch.Tensor, plan: MXPlan, gemm: str) -> tupl
     still holds the version counter and storage pointer, a guard against a parameter replaced
     or updated in place (by tracked ops) mid-window. With an observer attached, or
     ``layer.cache_weights`` False, the cache is bypassed (telemetry sees a fresh MXTensor).
-    ``layer.weight_quantizations`` counts every copy made; ``layer`` is None under
-    torch.compile, which bypasses the cache and counts nothing.
+
+    The cache holds the copies as MX (FP8 codes and E8M0 scales: the backend's stored form,
+    8.25 bits per weight and copy, at most two copies per layer, dropped when the window
+    closes) and dequantizes one at each use. ``pair``: on an fprop miss, make the dgrad copy
+    too (shared passes); False when no input gradient will be needed (inference, frozen
+    input), so the dgrad copy is never made. ``layer.weight_quantizations`` counts every copy
+    made; ``layer`` is None under torch.compile, which bypasses the cache and counts nothing.
     """
     hp = weight if gemm == "fprop" else weight.t()
     spec = plan.specs[gemm, "weight"]
+    be, dt = plan.backend, plan.compute_dtype
     if layer is None:
-        return plan.backend.quantize_mx(hp, spec, plan.compute_dtype)
-    if not (layer._window_open and layer.observer is None and layer.cache_weights):
+        return be.quantize_mx(hp, spec, dt)
+    observer = layer.observing()
+    if not (layer._window_open and observer is None and layer.cache_weights):
         layer.weight_quantizations += 1
-        want = layer.observer is not None
-        return plan.backend.quantize_mx(hp, spec, plan.compute_dtype, want_q=want)
-    key = (gemm, weight._version, weight.data_ptr(), plan.compute_dtype, plan.backend.name)
+        return be.quantize_mx(hp, spec, dt, want_q=observer is not None)
+    key = (gemm, weight._version, weight.data_ptr(), dt, be.name)
     cache = layer._weight_cache
     if key not in cache:
-        pair = None
-        if gemm == "fprop":  # both copies of W in shared passes; the dgrad one is cached too
-            with torch.no_grad():
-                spec_t = plan.specs["dgrad", "weight"]
-                pair = plan.backend.quantize_pair(weight, spec, spec_t, plan.compute_dtype)
-        for g in ("fprop", "dgrad") if pair is not None else (gemm,):
-            for old in [k for k in cache if k[0] == g]:
-                del cache[old]  # one entry per GEMM: stale versions go
-        if pair is not None:
-            cache[key] = (pair[0], None)
-            cache[("dgrad", *key[1:])] = (pair[1], None)
-            layer.weight_quantizations += 2
-        else:
-            with torch.no_grad():
-                cache[key] = plan.backend.quantize_mx(hp, spec, plan.compute_dtype)
-            layer.weight_quantizations += 1
-    return cache[key]
+        both = None
+        with torch.no_grad():
+            if gemm == "fprop" and pair:  # both copies of W in shared passes
+                both = be.store_pair(weight, spec, plan.specs["dgrad", "weight"])
+            for g in ("fprop", "dgrad") if both is not None else (gemm,):
+                for old in [k for k in cache if k[0] == g]:
+                    del cache[old]  # one entry per GEMM: stale versions go
+            if both is not None:
+                cache[key], cache[("dgrad", *key[1:])] = both
+                layer.weight_quantizations += 2
+            else:
+                cache[key] = be.store_mx(hp, spec)[0]
+                layer.weight_quantizations += 1
+    return be.load_mx(cache[key], dt), None
+
+
+def weight_cache_nbytes(layer) -> int:
+    """Bytes the layer's weight cache holds now (distinct storages)."""
+    seen: dict[int, int] = {}
+    for stored in layer._weight_cache.values():
+        for t in _tensors(stored):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def _tensors(obj: Any):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif hasattr(obj, "__dataclass_fields__"):
+        for name in obj.__dataclass_fields__:
+            yield from _tensors(getattr(obj, name))
+    elif isinstance(obj, tuple | list):
+        for item in obj:
+            yield from _tensors(item)

@@ -85,6 +85,21 @@ class AmaxReduce(enum.StrEnum):
     EMA = "ema"
 
 
+class SavedInput(enum.StrEnum):
+    """What an MX layer keeps of its input x for the weight-gradient GEMM.
+
+    - ``mx``: the wgrad operand itself, quantized in the forward (blocks along tokens, from
+      the high-precision x): FP8 codes plus E8M0 scales, 8.25 bits per element.
+    - ``bf16``: x cast to bf16 (16 bits per element, as ``nn.Linear`` under autocast); the
+      wgrad operand is quantized from it in backward. Bit-identical to ``mx`` when x already
+      is bf16; when x is fp32 (the inputs of q/k/v and w1/w3 in this project's model, which
+      follow an fp32 RMSNorm) the operand is rounded twice, fp32 -> bf16 -> FP8.
+    """
+
+    MX = "mx"
+    BF16 = "bf16"
+
+
 class Backend(enum.StrEnum):
     """Which GEMM backend runs quantized matmuls (see :mod:`mxfp8.layers.gemm`).
 
@@ -164,6 +179,9 @@ class Recipe:
     """Whether training needs a dynamic loss scaler. None = derived: True for per-tensor FP8."""
     backend: Backend = Backend.AUTO
     """GEMM backend: auto, emulated or scaled_mm."""
+    saved_input: SavedInput = SavedInput.MX
+    """What MX layers keep of x for backward: mx (the quantized wgrad operand, 8.25 bits per
+    element) or bf16 (x in bf16, quantized in backward). MX only."""
     description: str = field(default="", compare=False)
     """One line for `mxfp8 recipes`."""
 
@@ -177,6 +195,7 @@ class Recipe:
         put("scale_rule", _enum(ScaleRuleName, self.scale_rule, "scale_rule"))
         put("amax_reduce", _enum(AmaxReduce, self.amax_reduce, "amax_reduce"))
         put("backend", _enum(Backend, self.backend, "backend"))
+        put("saved_input", _enum(SavedInput, self.saved_input, "saved_input"))
         for name in ("convert", "keep_high_precision"):
             value = getattr(self, name)
             if isinstance(value, str) or not all(isinstance(p, str) for p in value):

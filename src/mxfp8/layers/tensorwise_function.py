@@ -132,7 +132,7 @@ class TensorwiseLinearFunction(torch.autograd.Function):
         qx = quantize_operand(layer, x2d, "input", recording)
         qw = weight_operand(layer, weight, recording)
         y = _mm_nt(qx.data, qx.scale, qw.data, qw.scale, dt)
-        obs = layer.observer
+        obs = layer.observing()
         if obs is not None:
             obs(layer, "fprop", "input", x2d, qx)
             obs(layer, "fprop", "weight", weight, qw)
@@ -170,7 +170,7 @@ def weight_operand(layer, weight: torch.Tensor, recording: bool):
     is fixed within a window. A cached weight whose amax was not recorded yet (the window's
     first forward ran without grad) records it at the first recording call.
     """
-    use_cache = layer._window_open and layer.observer is None and layer.cache_weights
+    use_cache = layer._window_open and layer.observing() is None and layer.cache_weights
     if not use_cache:
         layer.weight_quantizations += 1
         return quantize_operand(layer, weight, "weight", recording)

@@ -172,9 +172,29 @@ def quantize(
     return MXTensor(data, scale, fmt, block_size, dim, rule)
 
 
-def dequantize(t: MXTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``t.dequantize(dtype)``: data times 2^scale, NaN for blocks with a NaN scale."""
-    return t.dequantize(dtype)
+def dequantize(
+    t: MXTensor, dtype: torch.dtype = torch.float32, *, compiled: bool = False
+) -> torch.Tensor:
+    """``t.dequantize(dtype)``: data times 2^scale, NaN for blocks with a NaN scale.
+
+    ``compiled=True`` runs it as one fused torch.compile'd pass (bit-identical: the product
+    of an FP8 value and a power of two is exact in fp32, then cast once), for tensors whose
+    blocked size is a multiple of the block size; others take the eager path.
+    """
+    size = t.data.shape[t.dim] if t.data.dim() else 0
+    if not compiled or t.data.numel() == 0 or size % t.block_size:
+        return t.dequantize(dtype)
+    shape = t.data.shape
+    outer = shape[: t.dim].numel() * (size // t.block_size)
+    inner = shape[t.dim + 1 :].numel()
+    qb = t.data.reshape(outer, t.block_size, inner)
+    bits = t.scale.view(torch.uint8).reshape(outer, 1, inner)
+    fn = _compiled(_dequantize_kernel, t.fmt, t.scale_rule, dtype)
+    return fn(qb, bits, dtype).reshape(shape)
+
+
+def _dequantize_kernel(qb: torch.Tensor, bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return kernels.dequantize_blocks(qb, bits, dtype)
 
 
 def fake_quantize(

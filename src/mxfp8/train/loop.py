@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from mxfp8.fileio import write_text_atomically
+from mxfp8.layers.scratch import pool_nbytes
 from mxfp8.stats import divergence, telemetry
 from mxfp8.train import checkpoint as ckpt
 from mxfp8.train import session as session_mod
@@ -130,6 +131,10 @@ def _summary(s: Session, val_loss: float | None, hooks: list[TrainHook]) -> dict
         "train_time_s": s.clock.train_time_s,
         "wall_time_s": s.clock.wall_time_s,
     }
+    report = getattr(s.model, "mxfp8_report", None)
+    if report is not None:  # memory the MX layers hold beyond activations (docs/performance.md)
+        summary["weight_cache_mib"] = report.weight_cache_bytes / 2**20
+        summary["scratch_pool_mib"] = pool_nbytes() / 2**20
     for h in hooks:
         extra = h.summary()
         summary["diverged"] = summary["diverged"] or bool(extra.pop("diverged", False))

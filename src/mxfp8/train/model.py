@@ -9,16 +9,42 @@ attention BMMs themselves stay in high precision, inside SDPA.
 Weights on the ``meta`` device are supported: build the model under ``torch.device("meta")``
 to count parameters of a large preset without allocating it, or call ``to_empty(device=...)``
 then ``init_weights()`` to materialize it.
+
+Activation checkpointing (``model.set_activation_checkpointing("block")``, the run option
+``run.activation_checkpointing``) keeps only each block's input during the forward pass and
+recomputes the block's forward during backward, when its gradient is needed: activation
+memory drops from every intermediate of every block to one residual-stream tensor per block
+(plus one block's intermediates at a time), for about one extra forward pass of compute.
+Results are bit-identical to a plain run: the replay runs the same ops on the same inputs
+under the same autocast and RNG state. The replay runs inside
+:func:`mxfp8.layers.recompute.recomputing`, so MX layers neither record delayed-scaling amaxes
+nor call their telemetry observer again: both see each forward once. Module hooks of a block
+and its submodules do run again in the replay (pre-hooks always; the replay stops as soon as
+backward has what it needs, so later hooks may not), and can ask
+:func:`~mxfp8.layers.recompute.is_recomputing` which call they are in. Only training forwards
+with grad enabled are checkpointed; evaluation and ``no_grad`` forwards run plainly.
+
+One condition for delayed scaling: the replay quantizes with the layer's current history, so
+that history must not advance between a forward and its backward. Inside a step window it
+cannot (the training loop); outside windows every recording forward advances it, so run each
+forward's backward before the next training forward. Under ``torch.compile`` the compiler
+does the recomputation inside its own graph, and its numbers are not the plain run's (seen on
+CPU in bf16), so the run config refuses ``run.compile`` together with checkpointing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import math
 from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mxfp8.layers.recompute import recomputing
 
 
 @dataclass(frozen=True)
@@ -233,6 +259,34 @@ class Block(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+class ActivationCheckpointing(enum.StrEnum):
+    """What a training forward keeps for backward (see the module docstring).
+
+    - ``none``: every intermediate activation (fastest, most memory).
+    - ``block``: only each transformer block's input; the block's forward runs again in
+      backward (about one more forward pass of compute, a fraction of the activation memory).
+    """
+
+    NONE = "none"
+    BLOCK = "block"
+
+    @classmethod
+    def parse(cls, mode: ActivationCheckpointing | str) -> ActivationCheckpointing:
+        """``mode`` as a member; a ValueError naming the valid values for anything else."""
+        try:
+            return cls(mode)
+        except ValueError:
+            valid = ", ".join(repr(m.value) for m in cls)
+            raise ValueError(
+                f"unknown activation checkpointing mode {mode!r}; choose one of {valid}"
+            ) from None
+
+
+def _recompute_contexts() -> tuple[contextlib.AbstractContextManager, ...]:
+    """checkpoint's ``context_fn``: the first forward runs plainly, the replay is marked."""
+    return contextlib.nullcontext(), recomputing()
+
+
 class Transformer(nn.Module):
     """Token ids [B, T] -> logits [B, T, vocab_size] (and the mean next-token loss)."""
 
@@ -246,7 +300,19 @@ class Transformer(nn.Module):
         # RoPE tables are derived, not learned: kept out of the state dict (non-persistent).
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        # how training forwards trade compute for memory; not a shape property, so not in cfg
+        self.activation_checkpointing = ActivationCheckpointing.NONE
         self.init_weights()
+
+    def set_activation_checkpointing(self, mode: ActivationCheckpointing | str) -> Transformer:
+        """Checkpoint each block's forward (``"block"``) or nothing (``"none"``); returns self.
+
+        Takes effect at the next forward, whatever was done to the blocks before (a recipe's
+        ``convert_model`` swapping their linears included): the block is looked up at call
+        time. Not part of the state dict: it changes memory and time, never the numbers.
+        """
+        self.activation_checkpointing = ActivationCheckpointing.parse(mode)
+        return self
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -288,8 +354,23 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.tok_embeddings(idx)
+        # eval and no_grad forwards keep nothing for backward: there is nothing to save
+        ckpt = (
+            self.activation_checkpointing is ActivationCheckpointing.BLOCK
+            and self.training
+            and torch.is_grad_enabled()
+        )
         for block in self.layers:
-            x = block(x, cos, sin)
+            if not ckpt:
+                x = block(x, cos, sin)
+            elif torch.compiler.is_compiling():
+                # the compiler recomputes inside its own graph and takes no context managers
+                # (not bit-identical: see the module docstring; the run config refuses it)
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = checkpoint(
+                    block, x, cos, sin, use_reentrant=False, context_fn=_recompute_contexts
+                )
         logits = self.output(self.norm(x))
         loss = None
         if targets is not None:

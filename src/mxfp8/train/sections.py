@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mxfp8.train.fields import ConfigError, opt
+from mxfp8.train.model import ActivationCheckpointing
 from mxfp8.train.optim import LossScaleMode, ScheduleKind
 
 
@@ -124,6 +125,13 @@ class RunConfig:
     compile_quantize: bool = opt(
         True, "torch.compile only the MX quantizers (fast on CPU; the first step compiles)"
     )
+    activation_checkpointing: ActivationCheckpointing = opt(
+        ActivationCheckpointing.NONE,
+        "none, or block: keep only each transformer block's input in the forward pass and "
+        "recompute the block in backward; cuts activation memory to about one tensor per "
+        "block for roughly one more forward pass of compute; results are bit-identical "
+        "(not available with run.compile)",
+    )
     device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     telemetry_every: int = opt(0, "numerics telemetry every N steps (0 = off)")
     max_nonfinite_steps: int = opt(
@@ -137,6 +145,23 @@ class RunConfig:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every",
                      "eval_batches", "keep_last"):  # fmt: skip
             _check(getattr(self, name) >= 1, f"run.{name} must be >= 1", getattr(self, name))
+        try:  # Python callers may pass a plain string; load_config has coerced already
+            mode = ActivationCheckpointing.parse(self.activation_checkpointing)
+        except ValueError:
+            valid = "|".join(m.value for m in ActivationCheckpointing)
+            raise ConfigError(
+                f"invalid value {self.activation_checkpointing!r} for "
+                f"run.activation_checkpointing (expected {{{valid}}})"
+            ) from None
+        object.__setattr__(self, "activation_checkpointing", mode)
+        if self.compile and mode is not ActivationCheckpointing.NONE:
+            # under torch.compile the compiler recomputes in its own graph, and the numbers
+            # moved (bf16, CPU): this option promises they never do, and it is resumable
+            raise ConfigError(
+                f"run.activation_checkpointing = {mode.value} cannot be combined with "
+                "run.compile = true: compiled recomputation is not bit-identical to the plain "
+                "run; turn one of them off"
+            )
         for name in ("tokens_per_step", "stop_after", "eval_every", "ckpt_every",
                      "telemetry_every", "max_nonfinite_steps"):  # fmt: skip
             _check(getattr(self, name) >= 0, f"run.{name} must be >= 0", getattr(self, name))

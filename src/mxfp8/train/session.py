@@ -182,10 +182,14 @@ def build(cfg: TrainConfig, run_dir: Path, say) -> Session:
     model = Transformer(model_cfg).to(device)
     if recipe.quantized:
         model = convert_model(model, recipe, compile_quantize=run.compile_quantize)
+    # on the model that will run, i.e. after the conversion (in place: the blocks the
+    # Transformer checkpoints at each forward are the converted ones)
+    model.set_activation_checkpointing(run.activation_checkpointing)
     report = getattr(model, "mxfp8_report", None)
     n_mx = len(report.converted) if report is not None else 0
+    ac = "" if run.activation_checkpointing == "none" else "; activation checkpointing: block"
     say(f"model: {cfg.model.preset}, {model.num_params():,} parameters; recipe "
-        f"{recipe.name}: {n_mx} linear layers quantized")  # fmt: skip
+        f"{recipe.name}: {n_mx} linear layers quantized{ac}")  # fmt: skip
     odd = {n: r for n, r in (report.kept.items() if report else ()) if "multiple of" in r}
     if odd:  # said even without progress output: the user asked for a quantized run
         name, why = next(iter(odd.items()))

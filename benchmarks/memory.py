@@ -1,0 +1,569 @@
+"""Memory of one training step, bf16 against the MX recipes, with and without activation
+checkpointing, side by side in one run (``make bench``).
+
+One step is what the training loop does (:func:`mxfp8.train.step.run_step`, one micro-batch):
+inside a step window, forward under bf16 autocast and backward; then gradient clipping,
+AdamW on the fp32 master weights and ``zero_grad(set_to_none=True)``. Per configuration:
+
+- peak memory of the step: on CPU the process's peak RSS over the step (VmHWM, reset just
+  before it through ``/proc/self/clear_refs``), on CUDA ``max_memory_allocated``;
+- bytes saved for backward (``saved_tensors_hooks`` around the forward), for the whole step and
+  for the linear layers alone (saved while inside an ``nn.Linear``/``MXLinear`` forward); each
+  storage counts once and parameters do not count (a bf16 cast of a weight does). With
+  activation checkpointing this is what the first forward keeps, the block inputs; the peak
+  covers the recompute in backward;
+- resident memory after the step (RSS, or ``memory_allocated`` on CUDA);
+- how the memory divides: fp32 weights, gradients, AdamW states, saved activations, the MX
+  weight-operand caches and per-layer scratch buffers.
+
+Why one fresh process per configuration: a CPU process's RSS and peak never forget what an
+earlier configuration allocated (freed pages stay with the allocator, compiled kernels stay
+loaded), so figures measured one after another in one process would not be comparable. The
+script re-runs itself with ``--child SPEC`` for each configuration, one after another, and
+collects one JSON line from each. One warm-up step comes first in every child, so the
+quantizer compilation and the lazily created optimizer states are not the step's peak.
+
+Targets (the memory issue), printed as a reminder: mxfp8 peak <= 0.85x bf16; linear-layer saved
+bytes <= 0.6x bf16; mxfp8 with block checkpointing peak <= 0.75x bf16 without checkpointing.
+
+Usage: python benchmarks/memory.py [--configs bf16,mxfp8,mxfp8+ac] [--threads N] [--json FILE]
+           [--d-model 1024 --layers 4 --ffn 2816 --batch 16 --seq 256] [--eager-quantize]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+import mxfp8
+from mxfp8.layers.convert import convert_model
+from mxfp8.layers.linear import MXLinear
+from mxfp8.layers.step import step_window
+from mxfp8.train.model import Transformer, model_config
+from mxfp8.train.optim import build_optimizer, clip_gradients
+from mxfp8.train.sections import OptimConfig
+
+MIB = 2**20
+RESULT_TAG = "MEMORY-RESULT "  # the child's JSON line; anything else it prints is ignored
+AC_SUFFIX = "+ac"  # config name suffix: block activation checkpointing
+# shape of the d_model-1024 model of benchmarks/train_step.py ("wide"), 4 layers: ~49 M params
+DEFAULTS = {"d_model": 1024, "layers": 4, "ffn": 2816, "heads": 8, "kv_heads": 2}
+TARGETS = (
+    ("peak", "mxfp8", 0.85, "mxfp8 peak / bf16 peak"),
+    ("linear_saved", "mxfp8", 0.60, "mxfp8 linear-layer saved bytes / bf16"),
+    ("peak", "mxfp8" + AC_SUFFIX, 0.75, "mxfp8+ac peak / bf16 peak (no checkpointing)"),
+)
+
+
+# --- memory probes --------------------------------------------------------------------------
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    """A ``kB`` field of /proc/self/status in bytes (None where there is no /proc)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _ru_maxrss_bytes() -> int:
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+class MemoryProbe:
+    """Current and peak memory of this process: RSS on CPU, the caching allocator on CUDA.
+
+    On CPU the peak must be the step's own, not the lifetime peak that ``ru_maxrss`` gives
+    (the warm-up step compiles and allocates lazily, and may peak higher): writing ``5`` to
+    ``/proc/self/clear_refs`` resets VmHWM to the current RSS. Where that fails, or the
+    kernel accepts the write without resetting, the peak falls back to ``ru_maxrss`` and
+    ``method`` says so.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.method = "torch.cuda.max_memory_allocated" if self.cuda else "VmHWM"
+
+    def current(self) -> int | None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.memory_allocated(self.device)
+        return _proc_status_bytes("VmRSS")
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError as e:
+            self.method = f"ru_maxrss (lifetime peak, warm-up included: clear_refs: {e})"
+            return
+        hwm, rss = _proc_status_bytes("VmHWM"), _proc_status_bytes("VmRSS")
+        if hwm is None or rss is None or hwm > rss + 4 * MIB:
+            self.method = "ru_maxrss (lifetime peak, warm-up included: VmHWM did not reset)"
+
+    def peak(self) -> int:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device)
+        if self.method == "VmHWM":
+            return _proc_status_bytes("VmHWM") or _ru_maxrss_bytes()
+        return _ru_maxrss_bytes()
+
+
+# --- what the step holds --------------------------------------------------------------------
+
+
+def _storage_key(t: torch.Tensor) -> tuple[int, int] | None:
+    """(data pointer, bytes) of t's storage; None for tensors without real storage."""
+    try:
+        st = t.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # e.g. a tensor subclass without storage
+        return None
+    return (st.data_ptr(), st.nbytes()) if st.data_ptr() else None
+
+
+def _collect(obj: Any, out: dict[int, int], depth: int = 0) -> None:
+    """Every tensor storage reachable from obj (tensors, tuples, lists, dicts, dataclasses,
+    plain objects' attributes), into ``out`` as data pointer -> bytes."""
+    if depth > 6 or obj is None:
+        return
+    if isinstance(obj, torch.Tensor):
+        key = _storage_key(obj)
+        if key is not None:
+            out[key[0]] = key[1]
+    elif isinstance(obj, tuple | list | set):
+        for v in obj:
+            _collect(v, out, depth + 1)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _collect(v, out, depth + 1)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            _collect(getattr(obj, f.name), out, depth + 1)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, nn.Module | type):
+        for v in vars(obj).values():
+            _collect(v, out, depth + 1)
+
+
+def _bytes(objs: Any, exclude: set[int] = frozenset()) -> int:
+    found: dict[int, int] = {}
+    _collect(objs, found)
+    return sum(n for ptr, n in found.items() if ptr not in exclude)
+
+
+class SavedTensors:
+    """Bytes the forward saves for backward, in all and inside linear layers.
+
+    A pack hook sees every tensor autograd saves (and returns it unchanged: nothing about the
+    step's memory changes). Forward pre-hooks and hooks on every ``nn.Linear`` (MXLinear
+    included) keep a stack of the linears being run, so a saved tensor is attributed to a
+    linear when one is running; ``block`` marks those of the transformer blocks (the ones MX
+    recipes convert; the LM head stays high precision). Each storage is counted once, whoever
+    saves it; parameters are not counted (autocast's bf16 copies of weights are).
+
+    Under (non-reentrant) activation checkpointing, what a checkpointed block saves in the
+    first forward goes to the checkpoint's own, inner hook and is not counted (it is not kept);
+    what it keeps, its inputs, torch saves through a no-op Function, which this hook sees.
+    ``watch_inputs`` also counts the inputs of the checkpointed units from forward pre-hooks,
+    so that they count whichever way a torch version holds them (each storage once).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.params = {k[0] for p in model.parameters() if (k := _storage_key(p)) is not None}
+        self.all: dict[int, int] = {}
+        self.linear: set[int] = set()
+        self.block: set[int] = set()
+        self.stack: list[bool] = []
+        self.active = False
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Linear):
+                m.register_forward_pre_hook(self._enter(name.startswith("layers.")))
+                m.register_forward_hook(self._leave)
+
+    def watch_inputs(self, modules: list[nn.Module]) -> None:
+        for m in modules:
+            m.register_forward_pre_hook(self._inputs)
+
+    def _enter(self, block: bool):
+        def hook(module: nn.Module, args: Any) -> None:
+            if self.active:
+                self.stack.append(block)
+
+        return hook
+
+    def _leave(self, module: nn.Module, args: Any, out: Any) -> None:
+        # only in the counted forward: a checkpoint replay in backward stops early, without
+        # running the forward hooks of the modules it did not finish
+        if self.active and self.stack:
+            self.stack.pop()
+
+    def _inputs(self, module: nn.Module, args: Any) -> None:
+        if self.active:
+            for a in args:
+                if isinstance(a, torch.Tensor):
+                    self._add(a)
+
+    def _add(self, t: torch.Tensor) -> None:
+        key = _storage_key(t)
+        if key is None or key[0] in self.params:
+            return
+        self.all[key[0]] = key[1]
+        if self.stack:
+            self.linear.add(key[0])
+            if self.stack[-1]:
+                self.block.add(key[0])
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        if self.active:
+            self._add(t)
+        return t
+
+    @contextlib.contextmanager
+    def forward(self) -> Iterator[None]:
+        """Count what the forward run inside saves (the counts of an earlier one are reset)."""
+        self.all.clear()
+        self.linear.clear()
+        self.block.clear()
+        self.stack.clear()
+        self.active = True
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+                yield
+        finally:
+            self.active = False
+
+    def totals(self) -> dict[str, int]:
+        return {
+            "saved": sum(self.all.values()),
+            "linear_saved": sum(self.all[k] for k in self.linear),
+            "block_linear_saved": sum(self.all[k] for k in self.block),
+        }
+
+
+def scratch_bytes(layers: list[MXLinear]) -> int:
+    """Bytes of the MX layers' scratch buffers for operands that die within a call: the
+    process-wide pool (:mod:`mxfp8.layers.scratch`) where the layers have one, else (older
+    layers) each layer's own ``_scratch`` buffers."""
+    total = _bytes([getattr(m, "_scratch", None) for m in layers])
+    try:
+        from mxfp8.layers.scratch import pool_nbytes
+    except ImportError:
+        return total
+    return total + pool_nbytes()
+
+
+def enable_checkpointing(model: nn.Module, mode: str) -> list[nn.Module]:
+    """Turn on the model's activation checkpointing; returns the checkpointed units (whose
+    inputs are what the first forward keeps of them)."""
+    model.set_activation_checkpointing(mode)
+    return list(model.layers)
+
+
+# --- one configuration (the child process) --------------------------------------------------
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """Build the configuration, run a warm-up step, then measure one step."""
+    torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    probe = MemoryProbe(device)
+    torch.zeros(1, device=device).add_(1)  # the runtime is up: the baseline includes it
+    baseline = probe.current()
+
+    torch.manual_seed(spec["seed"])
+    model = Transformer(model_config("tiny", **spec["model"])).to(device)
+    rec = mxfp8.recipe(spec["recipe"])
+    if rec.quantized:
+        model = convert_model(model, rec, compile_quantize=spec["compile_quantize"])
+    saved = SavedTensors(model)
+    if spec["ac"] != "none":
+        saved.watch_inputs(enable_checkpointing(model, spec["ac"]))
+    ocfg = OptimConfig()
+    opt = build_optimizer(model, ocfg)
+    gen = torch.Generator().manual_seed(spec["seed"])
+    vocab, shape = model.cfg.vocab_size, (spec["batch"], spec["seq"])
+    x = torch.randint(0, vocab, shape, generator=gen).to(device)
+    y = torch.randint(0, vocab, shape, generator=gen).to(device)
+    params = {id(p): p for p in model.parameters()}.values()
+    param_ptrs = saved.params
+    mx_layers = [m for m in model.modules() if isinstance(m, MXLinear)]
+    parts: dict[str, int] = {}
+
+    def step() -> None:
+        with step_window(model):
+            with saved.forward(), torch.autocast(device.type, dtype=torch.bfloat16):
+                _, loss = model(x, y)
+            parts["caches"] = _bytes([m._weight_cache for m in mx_layers], param_ptrs)
+            loss.backward()
+            del loss
+        parts["gradients"] = _bytes([p.grad for p in params])
+        parts["scratch"] = scratch_bytes(mx_layers)
+        named = list(model.named_parameters())
+        clip_gradients(named, ocfg.grad_clip, ocfg.module_thresholds())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up: compiles the quantizers, creates the AdamW states
+    gc.collect()
+    before = probe.current()
+    probe.reset_peak()
+    t0 = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - t0
+    peak = probe.peak()
+    after = probe.current()
+    weights, adamw = _bytes(list(params)), _bytes(list(opt.state.values()))
+    # what the process holds at the step's start beyond the weights, the AdamW states and the
+    # scratch buffers (gradients are None, caches empty): on CPU the torch runtime, compiled
+    # kernels and free memory the allocator kept; on CUDA about nothing
+    runtime = before - weights - adamw - parts["scratch"] if before is not None else None
+    return {
+        "name": spec["name"],
+        "recipe": spec["recipe"],
+        "ac": spec["ac"],
+        "peak": peak,
+        "net_peak": peak - runtime if runtime is not None else None,
+        "peak_method": probe.method,
+        **saved.totals(),
+        "resident_after": after,
+        "resident_before": before,
+        "step_s": seconds,
+        "breakdown": {
+            "weights": weights,
+            "gradients": parts["gradients"],
+            "adamw_states": adamw,
+            "saved_activations": saved.totals()["saved"],
+            "caches": parts["caches"],
+            "scratch": parts["scratch"],
+            "runtime": runtime,
+        },
+        "baseline": baseline,
+    }
+
+
+def child_main(spec_json: str) -> None:
+    print(RESULT_TAG + json.dumps(measure(json.loads(spec_json))), flush=True)
+
+
+# --- the parent: run the children, print the tables ----------------------------------------
+
+
+def mx_recipes() -> list[str]:
+    return [n for n in mxfp8.list_recipes() if mxfp8.recipe(n).scaling.value == "mx"]
+
+
+def run_child(spec: dict[str, Any]) -> dict[str, Any] | str:
+    """The child's result, or a line saying why there is none."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG) :])
+    tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+    return f"failed (exit {proc.returncode}): {tail[:160]}"
+
+
+def _mib(n: int | None) -> str:
+    return f"{n / MIB:9.1f}" if n is not None else f"{'-':>9}"
+
+
+def _ratio(n: int | None, ref: int | None) -> str:
+    return f"{n / ref:5.2f}" if n is not None and ref else f"{'-':>5}"
+
+
+COLUMNS = (
+    ("peak", "peak"),
+    ("net_peak", "net peak"),
+    ("saved", "saved"),
+    ("linear_saved", "lin saved"),
+    ("block_linear_saved", "blk saved"),
+    ("resident_after", "resident"),
+)
+
+
+def print_tables(results: dict[str, dict[str, Any]], ref: dict[str, Any] | None) -> None:
+    print("\nMiB, and x bf16 (no checkpointing). net peak: the peak less what the process held at")
+    print("the step's start besides weights, AdamW states and MX scratch (the runtime; on CPU")
+    print("~the torch libraries and compiled kernels). saved: bytes saved for backward by the")
+    print("(first) forward; lin: inside nn.Linear/MXLinear forwards; blk: the block linears (the")
+    print("ones MX converts, no LM head). resident: after optimizer.step and zero_grad")
+    head = f"{'config':<20}" + "".join(f" {title:>9} {'x':>5}" for _, title in COLUMNS)
+    print(head)
+    for name, r in results.items():
+        cells = "".join(
+            f" {_mib(r[k])} {_ratio(r[k], ref[k] if ref else None)}" for k, _ in COLUMNS
+        )
+        print(f"{name:<20}{cells}")
+    methods = {r["peak_method"] for r in results.values()}
+    print(f"peak measured by: {', '.join(sorted(methods))}")
+
+    shown = [n for n, r in results.items() if r["recipe"] in ("bf16", "mxfp8")]
+    if not shown:
+        return
+    rows = (
+        ("weights", "weights (fp32 master)"),
+        ("gradients", "gradients"),
+        ("adamw_states", "AdamW states"),
+        ("saved_activations", "saved activations"),
+        ("caches", "MX weight caches"),
+        ("scratch", "MX scratch buffers"),
+        ("runtime", "runtime at step start"),
+    )
+    print("\nHow the peak divides (MiB). Caches: the MX weight operands, after the forward;")
+    print("runtime: as for the net peak; the rest: transients at the peak and allocator slack")
+    print("(negative where the parts above are not all live at the peak)")
+    print(f"{'':<24}" + "".join(f" {n:>12}" for n in shown))
+    for key, label in rows:
+        cells = "".join(f" {_mib(results[n]['breakdown'][key]):>12}" for n in shown)
+        print(f"{label:<24}{cells}")
+    cells = "".join(f" {_mib(results[n]['baseline']):>12}" for n in shown)
+    print(f"{'  of which before model':<24}{cells}")
+    rest = []
+    for n in shown:
+        parts = results[n]["breakdown"].values()
+        known = None if None in parts else sum(parts)
+        rest.append(f" {_mib(None if known is None else results[n]['peak'] - known):>12}")
+    print(f"{'rest of the peak':<24}{''.join(rest)}")
+    print(f"{'peak':<24}" + "".join(f" {_mib(results[n]['peak']):>12}" for n in shown))
+
+
+def print_targets(results: dict[str, dict[str, Any]], ref: dict[str, Any] | None) -> None:
+    print("\nTargets (a reminder, not a test):")
+    for key, name, target, label in TARGETS:
+        r = results.get(name)
+        got = f"{r[key] / ref[key]:.2f}x" if r and ref and ref[key] else "not measured"
+        if key == "peak" and r and ref and r["net_peak"] and ref["net_peak"]:
+            got += f" (net peak {r['net_peak'] / ref['net_peak']:.2f}x)"
+        print(f"  {label:<46} {got:>26}   target <= {target:.2f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--child", metavar="SPEC_JSON", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--configs",
+        default="",
+        help="comma-separated configs, each a recipe name with an optional '+ac' (block "
+        "activation checkpointing), e.g. bf16,mxfp8,mxfp8+ac; default: bf16 and every MX "
+        "recipe, each with and without checkpointing",
+    )
+    ap.add_argument("--d-model", type=int, default=DEFAULTS["d_model"])
+    ap.add_argument("--layers", type=int, default=DEFAULTS["layers"])
+    ap.add_argument("--ffn", type=int, default=DEFAULTS["ffn"], help="SwiGLU hidden width")
+    ap.add_argument("--heads", type=int, default=DEFAULTS["heads"])
+    ap.add_argument("--kv-heads", type=int, default=DEFAULTS["kv_heads"])
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument(
+        "--eager-quantize",
+        action="store_true",
+        help="MX quantizers eager (default: compiled, as `mxfp8 train` does)",
+    )
+    ap.add_argument("--threads", type=int, default=2, help="torch threads in each child")
+    ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", metavar="FILE", help="also write every result to FILE")
+    args = ap.parse_args()
+    if args.child is not None:
+        child_main(args.child)
+        return
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    overrides = {
+        "d_model": args.d_model,
+        "n_layers": args.layers,
+        "ffn_hidden": args.ffn,
+        "n_heads": args.heads,
+        "n_kv_heads": args.kv_heads,
+    }
+    if args.seq > model_config("tiny").max_seq_len:
+        overrides["max_seq_len"] = args.seq
+    with torch.device("meta"):  # the count without allocating the model
+        n_params = Transformer(model_config("tiny", **overrides)).num_params()
+    names = args.configs.split(",") if args.configs else [
+        n + ac for n in ("bf16", *mx_recipes()) for ac in ("", AC_SUFFIX)
+    ]  # fmt: skip
+    has_ac = hasattr(Transformer, "set_activation_checkpointing")
+
+    print(f"torch {torch.__version__}, {args.threads} threads per child, device {device}")
+    print(f"model: d_model {args.d_model}, {args.layers} layers, ffn {args.ffn}, heads "
+          f"{args.heads}/{args.kv_heads} kv, vocab {model_config('tiny').vocab_size}: "
+          f"{n_params / 1e6:.1f} M parameters; batch {args.batch} x seq {args.seq}; bf16 "
+          f"autocast, eager model, MX quantizers "
+          f"{'eager' if args.eager_quantize else 'compiled'}")  # fmt: skip
+    if not has_ac and any(n.endswith(AC_SUFFIX) for n in names):
+        print("note: Transformer has no set_activation_checkpointing (not landed yet): the '+ac' "
+              "configurations are skipped")  # fmt: skip
+
+    results: dict[str, dict[str, Any]] = {}
+    failures: dict[str, str] = {}
+    for name in names:
+        rec, ac = (name[: -len(AC_SUFFIX)], "block") if name.endswith(AC_SUFFIX) else (name, "none")
+        if rec not in mxfp8.list_recipes():
+            known = ", ".join(mxfp8.list_recipes())
+            raise SystemExit(f"unknown recipe {rec!r} in --configs; recipes: {known}")
+        if ac != "none" and not has_ac:
+            continue
+        spec = {
+            "name": name,
+            "recipe": rec,
+            "ac": ac,
+            "model": overrides,
+            "batch": args.batch,
+            "seq": args.seq,
+            "threads": args.threads,
+            "device": device,
+            "compile_quantize": not args.eager_quantize,
+            "seed": args.seed,
+        }
+        t0 = time.perf_counter()
+        out = run_child(spec)
+        took = time.perf_counter() - t0
+        if isinstance(out, str):
+            failures[name] = out
+            print(f"  {name}: {out}", flush=True)
+        else:
+            results[name] = out
+            print(f"  {name}: done in {took:.0f} s (step {out['step_s']:.2f} s)", flush=True)
+
+    ref = results.get("bf16")
+    if results:
+        print_tables(results, ref)
+        print_targets(results, ref)
+    if args.json:
+        meta = {"torch": torch.__version__, "threads": args.threads, "device": device,
+                "model": overrides, "params": n_params, "batch": args.batch, "seq": args.seq,
+                "compile_quantize": not args.eager_quantize}  # fmt: skip
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "results": results, "failures": failures}, f, indent=1)
+    if failures:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
