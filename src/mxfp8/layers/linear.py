@@ -31,7 +31,10 @@ updates, not ``.data`` writes. ``weight_quantizations`` counts every quantized w
 made, cached or not: MX makes two (W along K for fprop, W^T along N for dgrad) per window, or
 per forward+backward outside one (with ``compile_quantize`` on CPU a window's first forward
 makes both at once); per-tensor recipes make one per window, or one per forward.
-``cache_weights = False`` turns the cache off inside windows too. Under ``torch.compile`` the
+The cached copies are FP8 codes plus E8M0 scales, dequantized at each use (what a layer keeps,
+and in which form, is listed in :mod:`mxfp8.layers.mx_function`; ``weight_cache_nbytes()``
+says what the cache holds now). ``cache_weights = False`` turns the cache off inside windows
+too. Under ``torch.compile`` the
 cache is bypassed (the graph recomputes it). Delayed scaling takes its step boundaries from
 the same windows (see :mod:`mxfp8.layers.tensorwise_function`).
 
