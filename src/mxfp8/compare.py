@@ -26,15 +26,13 @@ from typing import Any
 from mxfp8.report.html import write_report
 from mxfp8.report.loader import COMPARISON_INDEX
 from mxfp8.train.config import ConfigError, TrainConfig, load_config
+from mxfp8.train.loop import RUN_FILES
 from mxfp8.train.resume import config_changes, describe_changes
 
 DEFAULT_RECIPES = ("bf16", "mxfp8")
 DEFAULT_TELEMETRY_EVERY = 100  # overhead measured at 2-4.5 % of training time (performance.md)
 MIN_TELEMETRY_POINTS = 4  # short runs sample more often, so the heatmaps have columns
 DEFAULT_CKPT_EVERY = 100  # so that an interrupted comparison loses at most this many steps
-
-# files a run writes; removed before a fresh restart of a run that has no checkpoint
-_RUN_FILES = ("metrics.jsonl", "numerics.jsonl", "events.jsonl", "summary.json")
 
 
 class CompareError(RuntimeError):
@@ -139,7 +137,7 @@ def compare(base: TrainConfig, recipes: Sequence[str], out: str | Path) -> Compa
             result.done.append(p.recipe)
             continue
         if p.state == "fresh":
-            for name in _RUN_FILES:  # leftovers of a run killed before its first checkpoint
+            for name in RUN_FILES:  # leftovers of a run killed before its first checkpoint
                 (run_dir / name).unlink(missing_ok=True)
         verb = "resuming" if p.state == "resume" else "training"
         _say(f"{head}: {verb} ({p.cfg.run.steps} steps) in {run_dir}")
@@ -174,5 +172,5 @@ def _newer_than_runs(report: Path, out: Path, recipes: Sequence[str]) -> bool:
     if not report.is_file():
         return False
     made = report.stat().st_mtime
-    files = [out / r / name for r in recipes for name in (*_RUN_FILES, "config.toml")]
+    files = [out / r / name for r in recipes for name in (*RUN_FILES, "config.toml")]
     return all(f.stat().st_mtime <= made for f in files if f.is_file())

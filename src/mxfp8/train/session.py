@@ -99,6 +99,9 @@ class Session:
     schedule: Schedule
     scaler: LossScaler
     val_batches: list
+    # fixed for the run: computed once here, not at every step
+    named_params: list = field(default_factory=list)
+    clip_thresholds: tuple = ()
     step: int = 0
     tokens: int = 0
     clock: Clock = field(default_factory=Clock)
@@ -215,5 +218,7 @@ def build(cfg: TrainConfig, run_dir: Path, say) -> Session:
         schedule=schedule,
         scaler=LossScaler(cfg.loss_scale, enabled=scaling_on),
         val_batches=val,
+        named_params=list(model.named_parameters()),
+        clip_thresholds=cfg.optim.module_thresholds(),
         clock=clock,
     )

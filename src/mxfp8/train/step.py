@@ -56,11 +56,9 @@ def run_step(s: Session, step: int, forward: nn.Module) -> dict[str, Any]:
             loss_sum += float(loss.detach())
             s.scaler.scale_loss(loss / accum if accum > 1 else loss).backward()
     scale_used = s.scaler.scale
-    params = list(s.model.named_parameters())
+    params = s.named_params
     s.scaler.unscale_(p for _, p in params)
-    grad_norm, found_inf = clip_gradients(
-        params, s.cfg.optim.grad_clip, s.cfg.optim.module_thresholds()
-    )
+    grad_norm, found_inf = clip_gradients(params, s.cfg.optim.grad_clip, s.clip_thresholds)
     loss_finite = math.isfinite(loss_sum)
     skip = found_inf or not loss_finite
     if not skip:
