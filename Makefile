@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/linear.py
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/memory.py
+	$(BIN)/python benchmarks/distributed.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts

@@ -106,7 +106,8 @@ def test_unknown_key_in_a_file_lists_valid_keys(tmp_path):
 def test_every_field_has_help():
     keys = config_keys()
     assert set(keys) == {
-        "model", "recipe", "data", "optim", "schedule", "loss_scale", "run", "divergence"
+        "model", "recipe", "data", "optim", "schedule", "loss_scale", "run", "divergence",
+        "parallel",
     }  # fmt: skip
     for section, entries in keys.items():
         for name, _tp, _default, help_text in entries:

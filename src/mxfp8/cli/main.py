@@ -41,6 +41,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "mxfp8.cli.quantize_stats",
         "MX quantization statistics of each tensor in a checkpoint file",
     ),
+    "consolidate": (
+        "mxfp8.cli.consolidate",
+        "write the weights of a (sharded) checkpoint as one model.safetensors",
+    ),
     "recipes": ("mxfp8.cli.recipes", "list the named recipes and their settings"),
     "demo": ("mxfp8.cli.demo", "the `make demo` job"),
 }
@@ -92,7 +96,7 @@ def build_parser(
 
 
 def _fail(prog: str, message: str) -> int:
-    print(f"{prog}: error: {message}", file=sys.stderr)
+    print(f"{prog}: error: {_rank_prefix()}{message}", file=sys.stderr)
     return EXIT_USAGE
 
 
@@ -137,6 +141,22 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         return _fail(prog, user_message(exc))
+    finally:
+        _leave_process_group()
+
+
+def _rank_prefix() -> str:
+    """``[rank R] `` in a job of several processes (torchrun), so that the failing rank is
+    named; empty otherwise."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return f"[rank {os.environ.get('RANK', '?')}] " if world not in ("", "0", "1") else ""
+
+
+def _leave_process_group() -> None:
+    """Destroy the torch.distributed process group a command created (torchrun jobs)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _silence_stdout() -> None:

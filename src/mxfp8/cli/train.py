@@ -175,10 +175,15 @@ def run_config(cfg: TrainConfig, *, report: bool = True) -> int:
     1: stopped after too many non-finite steps, or a checkpoint could not be written or read.
     Config and resume errors propagate (mxfp8.cli.main: exit 2).
     """
+    from mxfp8.parallel import DistEnv
     from mxfp8.train.checkpoint import CheckpointError
     from mxfp8.train.loop import NonFiniteError, RunComplete, train
     from mxfp8.train.preempt import Aborted
 
+    if not DistEnv.from_environ().is_main:  # rank 0 reports for the job; errors say their rank
+        print_ = _quiet_print
+    else:
+        print_ = print
     try:
         result = train(cfg)
     except Aborted as e:  # a second SIGTERM/SIGINT: no checkpoint of this step
@@ -186,27 +191,31 @@ def run_config(cfg: TrainConfig, *, report: bool = True) -> int:
               f"mxfp8 train --resume --out {cfg.run.out or 'RUN'}", file=sys.stderr)  # fmt: skip
         return 128 + e.signum
     except RunComplete as done:
-        print(f"mxfp8 train: {done}")
-        print(f"run directory: {done.run_dir}")
+        print_(f"mxfp8 train: {done}")
+        print_(f"run directory: {done.run_dir}")
         return 0
     except (NonFiniteError, CheckpointError) as e:  # e.g. the disk filled up: not a usage error
         print(f"mxfp8 train: error: {e}", file=sys.stderr)
         return 1
     if result.completed:
-        print(f"final validation loss: {result.final_val_loss:.4f}")
-        print(f"final validation perplexity: {result.final_val_ppl:.2f}")
+        print_(f"final validation loss: {result.final_val_loss:.4f}")
+        print_(f"final validation perplexity: {result.final_val_ppl:.2f}")
         summary = result.summary
-        print(f"throughput: {summary['tokens_per_s']:,.0f} tokens/s steady state (first "
+        print_(f"throughput: {summary['tokens_per_s']:,.0f} tokens/s steady state (first "
               f"{summary['warmup_steps_excluded']} steps of each process left out: "
               f"compilation); wall time {summary['wall_time_s']:.1f} s")  # fmt: skip
-        if report:
+        if report and print_ is print:
             _write_report(result.run_dir)
     else:
         why = f"stopped by {result.stopped_by}" if result.stopped_by else "stopped"
-        print(f"{why} after step {result.step} of {cfg.run.steps} (checkpoint written); "
+        print_(f"{why} after step {result.step} of {cfg.run.steps} (checkpoint written); "
               f"continue with: mxfp8 train --resume --out {result.run_dir}")  # fmt: skip
-    print(f"run directory: {result.run_dir}")
+    print_(f"run directory: {result.run_dir}")
     return result.exit_code
+
+
+def _quiet_print(*args, **kwargs) -> None:
+    del args, kwargs
 
 
 def _write_report(run_dir: Path) -> None:

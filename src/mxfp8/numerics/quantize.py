@@ -77,14 +77,25 @@ def _unpad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
 def _compiled(fn: Callable, fmt: ElemFormat, rule: ScaleRule, dtype: torch.dtype) -> Callable:
     """A torch.compile'd copy of ``fn`` for one (format, rule, input dtype).
 
-    Dynamo's recompile limit (8) counts the graphs of one code object. Giving each
-    configuration its own copy of the code keeps a run that mixes formats, rules, dtypes
+    Dynamo's recompile limit (8 by default) counts the graphs of one code object. Giving
+    each configuration its own copy of the code keeps a run that mixes formats, rules, dtypes
     and layer shapes from silently falling back to eager. ``dynamic=None``: the first
-    shape compiles static, a second shape recompiles with dynamic sizes.
+    shape compiles static, a second shape recompiles with dynamic sizes. A graph is also
+    specialized on the input's strides (a transposed view, blocks along dim 0) and on sizes
+    of 1, so one long-lived process that quantizes many layer shapes (a test suite, a
+    notebook, ``compare`` over several models) meets more than 8; since ``fullgraph=True``
+    makes hitting the limit an error, the limit is raised to :data:`RECOMPILE_LIMIT`
+    (never lowered) when the first compiled copy is made.
     """
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
     code = fn.__code__.replace()  # a distinct code object, hence a distinct dynamo cache
     clone = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__)
     return torch.compile(clone, fullgraph=True, dynamic=None)
+
+
+RECOMPILE_LIMIT = 64
+"""Graphs per compiled quantizer copy before dynamo gives up (see :func:`_compiled`)."""
 
 
 def _kernel(fn: Callable, compiled: bool, fmt, rule, dtype) -> Callable:
@@ -187,8 +198,10 @@ def dequantize(
     shape = t.data.shape
     outer = shape[: t.dim].numel() * (size // t.block_size)
     inner = shape[t.dim + 1 :].numel()
-    qb = t.data.reshape(outer, t.block_size, inner)
-    bits = t.scale.view(torch.uint8).reshape(outer, 1, inner)
+    # contiguous (cheap: FP8 codes and scale bytes): one graph per size pattern, not one
+    # per stride pattern of the views the layers hand over
+    qb = t.data.reshape(outer, t.block_size, inner).contiguous()
+    bits = t.scale.view(torch.uint8).reshape(outer, 1, inner).contiguous()
     fn = _compiled(_dequantize_kernel, t.fmt, t.scale_rule, dtype)
     return fn(qb, bits, dtype).reshape(shape)
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import pickle
 import re
 import shutil
 from collections.abc import Callable
@@ -38,11 +37,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_file, save_model
 from torch import nn
 
 from mxfp8.fileio import fsync_dir, fsync_file
+from mxfp8.parallel.comm import LOCAL, Comm
+from mxfp8.train.checkpoint_load import (  # re-exported: the checkpoint API in one place
+    is_sharded,
+    load_checkpoint,
+    load_state,
+    read_weights,
+    rng_state,
+    set_rng_state,
+)
 from mxfp8.train.manifest import (  # re-exported: the checkpoint API in one place
     CONFIG_FILE,
     MANIFEST_FILE,
@@ -54,6 +61,30 @@ from mxfp8.train.manifest import (  # re-exported: the checkpoint API in one pla
     verify_checkpoint,
     write_manifest,
 )
+
+__all__ = [
+    "CHECKPOINT_DIR",
+    "CONFIG_FILE",
+    "MANIFEST_FILE",
+    "STATE_FILE",
+    "WEIGHTS_FILE",
+    "CheckpointError",
+    "CheckpointWriteError",
+    "is_sharded",
+    "latest_checkpoint",
+    "latest_intact_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_state",
+    "read_weights",
+    "recover",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+    "step_dir_name",
+    "verify_checkpoint",
+    "write_manifest",
+]
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +231,29 @@ def _reason(e: BaseException, root: Path) -> str:
     return why
 
 
+def _write_error(name: str, root: Path, doing: str, why: str, err_no: int | None):
+    err = CheckpointWriteError(
+        f"could not write checkpoint {name} to {root} (while {doing}): {why}; "
+        "the previous checkpoints were left as they were"
+    )
+    err.errno = err_no
+    return err
+
+
+def _failure(doing: str, e: BaseException, root: Path) -> tuple[str, str, int | None]:
+    return doing, _reason(e, root), e.errno if isinstance(e, OSError) else None
+
+
+def _unique_names(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``weights`` with each tied matrix under one name only, the one ``save_model`` keeps
+    (the alphabetically first of its names), so the file equals a single-process one."""
+    groups: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(n)
+    drop = {n for names in groups.values() for n in sorted(names)[1:]}
+    return {k: v.contiguous() for k, v in weights.items() if k not in drop}
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -208,6 +262,9 @@ def save_checkpoint(
     state: dict[str, Any],
     config_toml: str,
     keep_last: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    comm: Comm = LOCAL,
+    consolidate: bool = False,
 ) -> Path:
     """Write checkpoint ``step`` atomically, then delete all but the newest ``keep_last``.
 
@@ -217,24 +274,79 @@ def save_checkpoint(
     directory is removed, the previous checkpoints are left as they were (none is pruned) and
     a :class:`CheckpointWriteError` says which checkpoint, where, and why. The checkpoint just
     written is never pruned, even when newer steps exist (a re-save after a resume).
+
+    Distributed runs pass ``optimizer`` and ``comm``, and every rank calls this: the model
+    and optimizer state go to DCP shards that every rank writes into rank 0's temporary
+    directory (a file system all ranks share), rank 0 writes the other files, the manifest
+    (of every file, shards included) and does the renames. ``consolidate`` also gathers the
+    full weights into ``model.safetensors`` (the final checkpoint of a run). Every rank
+    returns the same path or raises the same error.
     """
     root = Path(run_dir) / CHECKPOINT_DIR
     name = step_dir_name(step)
     final = root / name
-    tmp = root / f".tmp-{name}-{os.getpid()}"
-    old = root / f".old-{name}-{os.getpid()}"
-    recover(run_dir)
-    doing = f"creating {tmp}"
+    pid = comm.broadcast(os.getpid())  # rank 0's: what recover() reads in leftover names
+    tmp = root / f".tmp-{name}-{pid}"
+    old = root / f".old-{name}-{pid}"
+    failed = None
+    if comm.is_main:  # a fresh temporary directory
+        try:
+            recover(run_dir)
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        except Exception as e:
+            failed = _failure(f"creating {tmp}", e, root)
+    failed = comm.broadcast(failed)
+    if failed is None and optimizer is not None:  # every rank: its shards, the full weights
+        from mxfp8.parallel.dcp import full_model_state, save_sharded
+
+        weights = None
+        try:
+            save_sharded(tmp, model, optimizer)
+            if consolidate:
+                weights = full_model_state(model)  # {} on ranks other than 0
+        except Exception as e:
+            failed = _failure("writing the sharded model and optimizer state", e, root)
+        failed = comm.first(failed)
+    if failed is None and comm.is_main:
+        failed = _finish(tmp, final, old, step, model, state, config_toml,
+                         weights if optimizer is not None else None)  # fmt: skip
+    failed = comm.broadcast(failed)
+    if failed is not None:
+        if comm.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old.exists() and not final.exists():
+                try:
+                    os.replace(old, final)
+                except OSError:
+                    pass  # left for recover()
+        raise _write_error(name, root, *failed)
+    if comm.is_main:
+        shutil.rmtree(old, ignore_errors=True)
+        _prune(root, final, keep_last)
+    comm.barrier()  # nobody goes on (or exits) before the checkpoint is in place
+    return final
+
+
+def _finish(tmp: Path, final: Path, old: Path, step: int, model: nn.Module,
+            state: dict[str, Any], config_toml: str,
+            weights: dict[str, torch.Tensor] | None) -> tuple | None:  # fmt: skip
+    """Rank 0's part: the files besides the shards, the manifest, the renames. Returns None,
+    or what failed (for :func:`_write_error`)."""
+    root = final.parent
+    writers: list[tuple[str, Callable[[Path], object]]] = [
+        (STATE_FILE, lambda p: torch.save(state, p)),
+        (CONFIG_FILE, lambda p: p.write_text(config_toml, encoding="utf-8")),
+    ]
+    if weights is None and not is_sharded(tmp):
+        writers.insert(0, (WEIGHTS_FILE, lambda p: save_model(model, str(p))))
+    elif weights:  # consolidated weights of a distributed run
+        writers.insert(0, (WEIGHTS_FILE,
+                           lambda p: save_file(_unique_names(model, weights), str(p))))  # fmt: skip
+    doing = ""
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        writers: list[tuple[str, Callable[[Path], object]]] = [
-            (WEIGHTS_FILE, lambda p: save_model(model, str(p))),
-            (STATE_FILE, lambda p: torch.save(state, p)),
-            (CONFIG_FILE, lambda p: p.write_text(config_toml, encoding="utf-8")),
-        ]
         for fname, write in writers:
             doing = f"writing {fname}"
             write(tmp / fname)
@@ -242,7 +354,7 @@ def save_checkpoint(
         doing = f"writing {MANIFEST_FILE}"
         write_manifest(tmp, step)
         fsync_dir(tmp)
-        doing = f"renaming {tmp.name} to {name}"
+        doing = f"renaming {tmp.name} to {final.name}"
         if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
             os.replace(final, old)  # a kill from here to the next rename: recover() undoes it
             os.replace(tmp, final)
@@ -250,21 +362,8 @@ def save_checkpoint(
             os.replace(tmp, final)
         fsync_dir(root)
     except Exception as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not final.exists():
-            try:
-                os.replace(old, final)
-            except OSError:
-                pass  # left for recover()
-        err = CheckpointWriteError(
-            f"could not write checkpoint {name} to {root} (while {doing}): {_reason(e, root)}; "
-            "the previous checkpoints were left as they were"
-        )
-        err.errno = e.errno if isinstance(e, OSError) else None
-        raise err from e
-    shutil.rmtree(old, ignore_errors=True)
-    _prune(root, final, keep_last)
-    return final
+        return _failure(doing, e, root)
+    return None
 
 
 def _prune(root: Path, keep: Path, keep_last: int) -> None:
@@ -282,89 +381,3 @@ def _prune(root: Path, keep: Path, keep_last: int) -> None:
             log.warning("could not prune checkpoint %s: %s", stale, e)
             continue
         shutil.rmtree(doomed, ignore_errors=True)
-
-
-# --- loading ---------------------------------------------------------------------------------
-
-
-def _unpickling_reason(e: Exception) -> str:
-    """The sentence of torch's weights-only refusal that says what it met (``Unsupported
-    global: GLOBAL io.open ...``, ``Trying to load unsupported GLOBAL posix.system ...``). The
-    rest of it suggests loading with ``weights_only=False``, exactly what must not be done."""
-    text = str(e)
-    _, marker, rest = text.partition("WeightsUnpickler error:")
-    paragraphs = [p.strip() for p in (rest if marker else text).split("\n\n") if p.strip()]
-    detail = next(
-        (
-            p
-            for p in paragraphs
-            if not p.startswith(("Weights only load failed", "Check the documentation"))
-        ),
-        "",
-    )
-    detail = " ".join(detail.split(". ")[0].removesuffix(".").split())
-    return (detail[:197] + "...") if len(detail) > 200 else (detail or type(e).__name__)
-
-
-def load_checkpoint(path: str | Path, model: nn.Module, *, verify: bool = True) -> dict[str, Any]:
-    """Load weights into ``model`` (strict) and return the ``state.pt`` dict.
-
-    The checkpoint is first checked against its manifest (``verify=False`` skips that, e.g.
-    right after :func:`latest_intact_checkpoint` verified it). ``state.pt`` is loaded before
-    the weights, so ``model`` is left untouched when it is refused. A corrupted or unsafe file
-    raises :class:`CheckpointError` naming it; weights that do not fit ``model`` (another
-    config) raise safetensors' ``RuntimeError``.
-    """
-    path = Path(path)
-    state = load_state(path, verify=verify)
-    weights = path / WEIGHTS_FILE
-    try:
-        load_model(model, str(weights), strict=True)  # strict: raises on any key mismatch
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{weights}: unreadable ({e})") from e
-    return state
-
-
-def load_state(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
-    """The ``state.pt`` dict of a checkpoint (verified first unless ``verify=False``), read
-    with ``weights_only=True``: plain containers and tensors only, never code."""
-    path = Path(path)
-    if verify:
-        verify_checkpoint(path)
-    state_path = path / STATE_FILE
-    try:
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{state_path}: refused: it holds more than tensors and plain containers "
-            f"({_unpickling_reason(e)}); nothing in it was run. A state.pt written by mxfp8 "
-            "never does: do not load this file with weights_only=False"
-        ) from e
-    except Exception as e:  # a broken (or hostile) pickle fails in many ways: all bad input
-        raise CheckpointError(f"{state_path}: unreadable ({type(e).__name__}: {e})") from e
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{state_path}: holds a {type(state).__name__}, not a state dict")
-    return state
-
-
-# --- RNG state -----------------------------------------------------------------------------
-
-
-def rng_state() -> dict[str, Any]:
-    """torch CPU/CUDA and Python RNG states (numpy is not used by training)."""
-    import random
-
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    import random
-
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

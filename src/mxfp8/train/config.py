@@ -5,7 +5,7 @@ Sections (TOML tables, and ``--section.field`` on the command line):
 - ``model``: a preset name from :data:`mxfp8.train.model.MODEL_PRESETS` plus field overrides,
   validated through :func:`mxfp8.train.model.model_config`.
 - ``data``: :class:`mxfp8.train.data.DataConfig`.
-- ``optim``, ``schedule``, ``loss_scale``, ``run``: :mod:`mxfp8.train.sections`.
+- ``optim``, ``schedule``, ``loss_scale``, ``run``, ``parallel``: :mod:`mxfp8.train.sections`.
 - ``divergence``: the loss-spike detector's thresholds,
   :class:`mxfp8.stats.divergence.DivergenceConfig`.
 - ``recipe``: a preset name from :func:`mxfp8.list_recipes` plus field overrides, validated
@@ -39,7 +39,13 @@ from mxfp8.train.fields import (
 )
 from mxfp8.train.model import MODEL_PRESETS, ModelConfig, model_config
 from mxfp8.train.optim import LossScaleMode, ScheduleKind
-from mxfp8.train.sections import LossScaleConfig, OptimConfig, RunConfig, ScheduleConfig
+from mxfp8.train.sections import (
+    LossScaleConfig,
+    OptimConfig,
+    ParallelConfig,
+    RunConfig,
+    ScheduleConfig,
+)
 
 __all__ = [
     "ConfigError",
@@ -48,6 +54,7 @@ __all__ = [
     "LossScaleMode",
     "ModelSection",
     "OptimConfig",
+    "ParallelConfig",
     "RecipeSection",
     "RunConfig",
     "ScheduleConfig",
@@ -110,6 +117,7 @@ PLAIN_SECTIONS: dict[str, type] = {
     "loss_scale": LossScaleConfig,
     "run": RunConfig,
     "divergence": DivergenceConfig,
+    "parallel": ParallelConfig,
 }
 SECTIONS = ("model", "recipe", *PLAIN_SECTIONS)
 
@@ -126,6 +134,7 @@ class TrainConfig:
     loss_scale: LossScaleConfig = dataclasses.field(default_factory=LossScaleConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     divergence: DivergenceConfig = dataclasses.field(default_factory=DivergenceConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         m = self.model.build()

@@ -28,6 +28,7 @@ from torch import nn
 
 from mxfp8.fileio import write_text_atomically
 from mxfp8.layers.scratch import pool_nbytes
+from mxfp8.parallel import LOCAL, Comm, DistEnv
 from mxfp8.stats import divergence, telemetry
 from mxfp8.train import checkpoint as ckpt
 from mxfp8.train import session as session_mod
@@ -66,8 +67,10 @@ def _auto_hooks(cfg: TrainConfig, run_dir: Path) -> list[TrainHook]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, device: torch.device) -> float:
-    """Mean validation loss over fixed batches (bf16 autocast, as in training)."""
+def evaluate(model: nn.Module, batches, device: torch.device, comm: Comm = LOCAL) -> float:
+    """Mean validation loss over fixed batches (bf16 autocast, as in training); in a
+    distributed run each rank holds its slice of every batch and the result is the mean over
+    the ranks, i.e. over the whole batches."""
     was_training = model.training
     model.eval()
     total = 0.0
@@ -76,16 +79,29 @@ def evaluate(model: nn.Module, batches, device: torch.device) -> float:
             _, loss = model(x.to(device), y.to(device))
         total += float(loss)
     model.train(was_training)
-    return total / len(batches)
+    return comm.mean(total / len(batches))
 
 
 def _say(cfg: TrainConfig, text: str) -> None:
-    if cfg.run.progress:
+    if cfg.run.progress and DistEnv.from_environ().is_main:  # rank 0 speaks for the job
         print(text, file=sys.stderr, flush=True)
 
 
-def _prepare_dir(cfg: TrainConfig, run_dir: Path, start: StartPoint) -> None:
-    """Create (and probe) the run directory; clear a run that was never checkpointed."""
+def _prepare_dir(cfg: TrainConfig, run_dir: Path, start: StartPoint, comm: Comm) -> None:
+    """Create (and probe) the run directory; clear a run that was never checkpointed. Rank 0
+    does it while the other ranks wait (its error is every rank's)."""
+    failed = None
+    if comm.is_main:
+        try:
+            _prepare_dir_here(cfg, run_dir, start)
+        except ConfigError as e:
+            failed = str(e)
+    failed = comm.broadcast(failed)
+    if failed is not None:
+        raise ConfigError(failed)
+
+
+def _prepare_dir_here(cfg: TrainConfig, run_dir: Path, start: StartPoint) -> None:
     for path, why in start.skipped:
         print(f"mxfp8 train: warning: skipping damaged checkpoint {path}: {why}", file=sys.stderr)
     try:
@@ -142,6 +158,16 @@ def _summary(s: Session, val_loss: float | None, hooks: list[TrainHook]) -> dict
     return summary
 
 
+def _checkpoint(s: Session, step: int, summary: dict | None, *, final: bool) -> None:
+    """Checkpoint the session at ``step``; a distributed run writes DCP shards from every
+    rank, and the final checkpoint also holds the consolidated ``model.safetensors``."""
+    extra = {"summary": summary} if summary is not None else {}
+    dist = dict(optimizer=s.optimizer, comm=s.comm, consolidate=final) if s.distributed else {}
+    ckpt.save_checkpoint(s.run_dir, step, model=s.model, state=s.state_dict(**extra),
+                         config_toml=s.cfg.to_toml(), keep_last=s.cfg.run.keep_last,
+                         **dist)  # fmt: skip
+
+
 def train(cfg: TrainConfig, *, hooks: list[TrainHook] | tuple = ()) -> RunResult:
     """Train ``cfg`` (resuming from ``cfg.run.out`` when ``cfg.run.resume``); see module doc.
 
@@ -153,24 +179,29 @@ def train(cfg: TrainConfig, *, hooks: list[TrainHook] | tuple = ()) -> RunResult
     cfg = cfg.replace(run=dataclasses.replace(cfg.run, out=str(run_dir)))
     start = find_start(cfg, run_dir)  # reads only: a refused resume changes nothing
     if start.complete:
-        _restore_summary(run_dir, start.checkpoint)
+        if DistEnv.from_environ().is_main:
+            _restore_summary(run_dir, start.checkpoint)
         raise RunComplete(run_dir, cfg.run.steps)
     # data first: bad input fails before anything is created in the run directory
     s = session_mod.build(cfg, run_dir, lambda text: _say(cfg, text))
-    cfg, run = s.cfg, s.cfg.run
-    _prepare_dir(cfg, run_dir, start)
+    cfg, run, comm = s.cfg, s.cfg.run, s.comm
+    _prepare_dir(cfg, run_dir, start, comm)
     if start.checkpoint is not None:
         s.load(start.checkpoint)
         _say(cfg, f"resumed from {start.checkpoint} at step {s.step}")
-    write_text_atomically(run_dir / "config.toml", cfg.to_toml())
+    if comm.is_main:
+        write_text_atomically(run_dir / "config.toml", cfg.to_toml())
 
-    forward = torch.compile(s.model) if run.compile else s.model
+    forward = s.forward_model or s.model
+    forward = torch.compile(forward) if run.compile else forward
     end = min(run.steps, s.step + run.stop_after) if run.stop_after else run.steps
-    hooks = [*hooks, *_auto_hooks(cfg, run_dir)]
+    # the stats hooks (telemetry, divergence events) write files: rank 0's operands only
+    hooks = [*hooks, *(_auto_hooks(cfg, run_dir) if comm.is_main else ())]
     ctx = TrainContext(cfg, s.model, s.optimizer, s.recipe, run_dir, s.device, s.step)
     for h in hooks:
         h.on_train_start(ctx)
-    log = RunLog(run_dir, total=run.steps, start=s.step, progress=run.progress)
+    log = RunLog(run_dir, total=run.steps, start=s.step, progress=run.progress,
+                 enabled=comm.is_main)  # fmt: skip
     guard = NonFiniteGuard(run.max_nonfinite_steps)
     val_loss, summary = None, None
     window_tokens, window_time = 0, 0.0
@@ -186,14 +217,15 @@ def train(cfg: TrainConfig, *, hooks: list[TrainHook] | tuple = ()) -> RunResult
                 metrics["tokens_per_s"] = window_tokens / max(window_time, 1e-9)
                 guard.check(s, metrics, log.message)
                 if step == run.steps or (run.eval_every and step % run.eval_every == 0):
-                    val_loss = evaluate(forward, s.val_batches, s.device)
+                    val_loss = evaluate(forward, s.val_batches, s.device, comm)
                     metrics.update(val_loss=val_loss, val_ppl=perplexity(val_loss))
                     log.message(f"step {step}: val_loss {val_loss:.4f}, "
                                 f"val_ppl {perplexity(val_loss):.2f}")  # fmt: skip
                 for h in hooks:
                     h.on_step_end(step, metrics)
                 log.step_done()
-                last = step == end or ctx.stop or bool(stop)
+                # stop together: a signal or a hook's verdict on one rank stops every rank
+                last = step == end or comm.any(ctx.stop or bool(stop))
                 keys = ("val_loss", "nonfinite")
                 if step % run.log_every == 0 or last or any(k in metrics for k in keys):
                     log.log(metrics)
@@ -201,10 +233,7 @@ def train(cfg: TrainConfig, *, hooks: list[TrainHook] | tuple = ()) -> RunResult
                 if step == run.steps:
                     summary = _summary(s, val_loss, hooks)
                 if last or (run.ckpt_every and step % run.ckpt_every == 0):
-                    extra = {"summary": summary} if summary is not None else {}
-                    ckpt.save_checkpoint(run_dir, step, model=s.model,
-                                         state=s.state_dict(**extra), config_toml=cfg.to_toml(),
-                                         keep_last=run.keep_last)  # fmt: skip
+                    _checkpoint(s, step, summary, final=step == run.steps)
                 if last:
                     break
         finally:
@@ -224,6 +253,7 @@ def train(cfg: TrainConfig, *, hooks: list[TrainHook] | tuple = ()) -> RunResult
     )
     if summary is not None:
         result.summary = summary
+    if summary is not None and comm.is_main:
         write_text_atomically(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     for h in hooks:
         h.on_train_end(result)

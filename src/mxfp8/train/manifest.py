@@ -25,7 +25,9 @@ WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.toml"
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")  # as named by checkpoint.step_dir_name
-CHECKPOINT_FILES = (WEIGHTS_FILE, STATE_FILE, CONFIG_FILE)  # each must be in the manifest
+DCP_METADATA = ".metadata"  # a distributed checkpoint's DCP index (mxfp8.parallel.dcp)
+CHECKPOINT_FILES = (STATE_FILE, CONFIG_FILE)  # each must be in the manifest, and one of:
+WEIGHT_FILES = (WEIGHTS_FILE, DCP_METADATA)  # the weights, or DCP shards (with their index)
 
 
 class CheckpointError(ValueError):
@@ -49,13 +51,15 @@ def build_manifest(path: str | Path, step: int) -> dict[str, Any]:
         {"format": "mxfp8-checkpoint", "version": 1, "step": 7,
          "files": {"model.safetensors": {"size": 1234, "sha256": "<64 hex digits>"}, ...}}
 
-    listing :data:`CHECKPOINT_FILES` (sizes in bytes).
+    listing every file of the directory (sizes in bytes): :data:`CHECKPOINT_FILES` plus
+    ``model.safetensors`` and/or the DCP shards of a distributed run (``.metadata``,
+    ``__R_0.distcp``).
     """
     path = Path(path)
     files = {}
-    for name in CHECKPOINT_FILES:
-        f = path / name
-        files[name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+    for f in sorted(path.iterdir()):
+        if f.name != MANIFEST_FILE and f.is_file():
+            files[f.name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
     return {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "step": step, "files": files}
 
 
@@ -97,6 +101,9 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     for name in CHECKPOINT_FILES:
         if name not in files:
             raise CheckpointError(f"{mpath}: unreadable manifest: {name} is not listed")
+    if not any(name in files for name in WEIGHT_FILES):
+        raise CheckpointError(f"{mpath}: unreadable manifest: neither {WEIGHTS_FILE} nor "
+                              f"DCP shards ({DCP_METADATA}) are listed")  # fmt: skip
     for name, entry in files.items():
         ok_entry = (
             isinstance(entry, dict)

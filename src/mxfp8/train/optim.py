@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import fnmatch
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -245,7 +245,18 @@ class LossScaler:
 # --- clipping ------------------------------------------------------------------------------
 
 
-def _norm(grads: list[torch.Tensor]) -> torch.Tensor:
+def _local(g: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded (DTensor) gradient; a plain tensor as it is."""
+    return g.to_local() if hasattr(g, "to_local") else g
+
+
+def _norm(grads: list[torch.Tensor], reduce_sq: Callable | None = None) -> torch.Tensor:
+    """L2 norm of ``grads``. With ``reduce_sq`` (sharded gradients) the squares of this rank's
+    shards are summed, then ``reduce_sq`` sums them over the ranks (in place)."""
+    if reduce_sq is not None:
+        local = [torch.linalg.vector_norm(_local(g).float(), dtype=torch.float64) for g in grads]
+        sq = torch.stack(local).square().sum() if local else torch.zeros((), dtype=torch.float64)
+        return reduce_sq(sq.reshape(1)).reshape(()).sqrt().float()
     if not grads:
         return torch.zeros(())
     return torch.linalg.vector_norm(
@@ -257,6 +268,8 @@ def clip_gradients(
     named_params: Iterable[tuple[str, torch.nn.Parameter]],
     max_norm: float,
     module_thresholds: Iterable[tuple[str, float]] = (),
+    *,
+    reduce_sq: Callable | None = None,
 ) -> tuple[float, bool]:
     """Clip per-module thresholds first, then the global norm; returns (norm, found_inf).
 
@@ -264,23 +277,29 @@ def clip_gradients(
     ``module_thresholds`` are (fnmatch pattern on the parameter name, max norm); all
     parameters matching one pattern are clipped together as one group. Nothing is modified
     when a gradient is not finite: the step will be skipped.
+
+    Sharded gradients (FSDP2: each rank holds a slice of every gradient) pass ``reduce_sq``,
+    which sums a tensor over the ranks in place: every norm (global and per module) is then
+    the norm of the full gradients, and every rank takes the same clipping decisions.
     """
     named = [(n, p) for n, p in named_params if p.grad is not None]
     module_thresholds = tuple(module_thresholds)
-    total = _norm([p.grad for _, p in named])
+    total = _norm([p.grad for _, p in named], reduce_sq)
     total_f = float(total)
     if not math.isfinite(total_f):
         return total_f, True
     for pattern, threshold in module_thresholds:
         grads = [p.grad for n, p in named if fnmatch.fnmatchcase(n, pattern)]
-        group_norm = float(_norm(grads))
+        group_norm = float(_norm(grads, reduce_sq))
         if group_norm > threshold:
             coef = threshold / (group_norm + 1e-6)
             for g in grads:
                 g.mul_(coef)
     if max_norm > 0:
         # recompute after per-module clipping (it may have lowered the norm)
-        norm_now = float(_norm([p.grad for _, p in named])) if module_thresholds else total_f
+        norm_now = (
+            float(_norm([p.grad for _, p in named], reduce_sq)) if module_thresholds else total_f
+        )
         if norm_now > max_norm:
             coef = max_norm / (norm_now + 1e-6)
             for _, p in named:

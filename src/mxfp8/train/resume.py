@@ -48,6 +48,13 @@ RESUMABLE_FIELDS = frozenset(
         "divergence.min_rel",
         "divergence.warmup_steps",
         "divergence.top_layers",
+        # how the run is spread over processes: a resume may change the world size (DCP
+        # reshards); fsdp with bf16 gathers computes slightly other numbers (docs/distributed.md)
+        "parallel.mode",
+        "parallel.backend",
+        "parallel.reshard_after_forward",
+        "parallel.param_dtype",
+        "parallel.timeout_s",
     }
 )
 # the loop records the tokenizer's vocabulary size as a model override when none was given;

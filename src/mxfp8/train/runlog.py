@@ -43,8 +43,14 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 class RunLog:
     """Appends metrics to ``metrics.jsonl`` (and TensorBoard), and drives the progress bar."""
 
-    def __init__(self, run_dir: Path, *, total: int, start: int, progress: bool):
+    def __init__(self, run_dir: Path, *, total: int, start: int, progress: bool,
+                 enabled: bool = True):  # fmt: skip
+        """``enabled=False`` (ranks other than 0): writes and shows nothing."""
         self.path = run_dir / METRICS_FILE
+        self.enabled = enabled
+        self._file = self._tb = self._bar = None
+        if not enabled:
+            return
         # atomic, and drops a torn last line: the rows appended below start on a fresh line
         truncate_after(self.path, start)
         self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - closed in close()
@@ -66,6 +72,8 @@ class RunLog:
             self._bar.update(1)
 
     def log(self, metrics: dict[str, Any]) -> None:
+        if self._file is None:
+            return
         self._file.write(json.dumps(metrics) + "\n")
         if self._tb is not None:
             for k, v in metrics.items():
@@ -87,7 +95,8 @@ class RunLog:
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def perplexity(loss: float) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from mxfp8.parallel.env import Backend, ParallelMode, ParamDtype
 from mxfp8.train.fields import ConfigError, opt
 from mxfp8.train.model import ActivationCheckpointing
 from mxfp8.train.optim import LossScaleMode, ScheduleKind
@@ -102,11 +103,47 @@ class LossScaleConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """Multi-process training under torchrun (docs/distributed.md); ignored by one process."""
+
+    mode: ParallelMode = opt(
+        ParallelMode.AUTO,
+        "auto (fsdp with more than one process, else none), none, ddp (every rank holds the "
+        "model; gradients all-reduced) or fsdp (FSDP2 fully_shard of each block and the root: "
+        "parameters, gradients and AdamW states sharded)",
+    )
+    backend: Backend = opt(Backend.AUTO, "auto (nccl on CUDA, gloo on CPU), nccl or gloo")
+    reshard_after_forward: bool = opt(
+        True,
+        "fsdp: free each block's gathered weights after its forward and gather them again "
+        "for backward (less memory, one more all-gather per block)",
+    )
+    param_dtype: ParamDtype = opt(
+        ParamDtype.BF16,
+        "fsdp: the dtype weights are all-gathered and computed in: bf16 (half the traffic; "
+        "MX copies are quantized from bf16-rounded weights) or fp32 (the master weights: "
+        "every quantized copy equals a single process's bit for bit)",
+    )
+    timeout_s: float = opt(
+        600.0,
+        "collective timeout, seconds: a rank that waits longer for the others (one died or "
+        "hangs) fails instead of waiting forever",
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.timeout_s > 0, "parallel.timeout_s must be > 0", self.timeout_s)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Length, batch shape, logging, evaluation and checkpoint cadence of a run."""
 
     steps: int = opt(120, "planned number of optimizer steps; the schedule spans them")
-    batch_size: int = opt(8, "sequences per micro-batch")
+    batch_size: int = opt(
+        8,
+        "sequences per micro-batch, over all processes (each of N ranks takes a disjoint "
+        "slice of batch_size / N): the batch does not depend on the world size",
+    )
     seq_len: int = opt(128, "tokens per sequence")
     grad_accum: int = opt(1, "micro-batches per optimizer step (ignored if tokens_per_step)")
     tokens_per_step: int = opt(

@@ -21,6 +21,17 @@ import torch
 from torch import nn
 
 from mxfp8.layers.convert import convert_model, load_scaling_state_dict, scaling_state_dict
+from mxfp8.parallel import (
+    LOCAL,
+    Comm,
+    DistEnv,
+    ParallelMode,
+    init_process_group,
+    resolve_backend,
+    resolve_mode,
+)
+from mxfp8.parallel import dcp as dcp_state
+from mxfp8.parallel.wrap import replicate_model, shard_model
 from mxfp8.train import checkpoint as ckpt
 from mxfp8.train.config import LossScaleMode, ModelSection, TrainConfig
 from mxfp8.train.data import PreparedData, eval_batches, prepare_data, require_tokens
@@ -34,9 +45,14 @@ from mxfp8.train.resume import ResumeError, check_data_identity
 WARMUP_STEPS = 2
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, env: DistEnv | None = None) -> torch.device:
+    """``run.device`` as a device; under torchrun ``auto``/``cuda`` mean this process's GPU
+    (``cuda:LOCAL_RANK``)."""
+    local = env.local_rank if env is not None and env.distributed else None
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and local is not None:
+        return torch.device("cuda", local)
     return torch.device(name)
 
 
@@ -99,6 +115,11 @@ class Session:
     schedule: Schedule
     scaler: LossScaler
     val_batches: list
+    # how the model is spread over processes; forward_model is what forward runs through
+    # (the DDP wrapper, else the model itself); comm does the cross-rank agreements
+    mode: ParallelMode = ParallelMode.NONE
+    comm: Comm = LOCAL
+    forward_model: nn.Module | None = None
     # fixed for the run: computed once here, not at every step
     named_params: list = field(default_factory=list)
     clip_thresholds: tuple = ()
@@ -109,6 +130,24 @@ class Session:
     @property
     def loss_scaling(self) -> bool:
         return self.scaler.enabled
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the model is wrapped for several processes (DDP or FSDP2): checkpoints
+        are then written with torch.distributed.checkpoint."""
+        return self.mode is not ParallelMode.NONE
+
+    @property
+    def sharded(self) -> bool:
+        return self.mode is ParallelMode.FSDP
+
+    def local_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's disjoint slice of a global batch (rows ``rank*n : (rank+1)*n``)."""
+        world = self.comm.world_size
+        if world == 1:
+            return x
+        n = x.shape[0] // world
+        return x[self.comm.rank * n : (self.comm.rank + 1) * n]
 
     def data_identity(self) -> dict[str, Any]:
         """What the token ids mean: the prepared corpus and the tokenizer's exact content."""
@@ -121,10 +160,13 @@ class Session:
         }
 
     def state_dict(self, **extra: Any) -> dict[str, Any]:
-        """The ``state.pt`` of a checkpoint at the current step."""
+        """The ``state.pt`` of a checkpoint at the current step. A distributed run's optimizer
+        state goes to the DCP shards instead (``save_checkpoint(..., optimizer=...)``); the
+        RNG state is rank 0's (training draws no random numbers after the init)."""
+        optim = {} if self.distributed else {"optimizer": self.optimizer.state_dict()}
         return {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            **optim,
             "schedule": self.schedule.state_dict(),
             "loss_scaler": self.scaler.state_dict(),
             "scaling": scaling_state_dict(self.model),
@@ -138,7 +180,7 @@ class Session:
 
     def load(self, checkpoint: Path) -> dict[str, Any]:
         """Restore weights and state from ``checkpoint``; returns its ``state.pt`` dict."""
-        state = ckpt.load_checkpoint(checkpoint, self.model, verify=False)  # find_start did
+        state = self._load_weights_and_optimizer(checkpoint)
         check_data_identity(state.get("data_identity"), self.data_identity())
         seed = self.cfg.run.seed
         if state["data"] != {"seed": seed, "next_step": state["step"]}:
@@ -146,7 +188,6 @@ class Session:
                 f"checkpoint {checkpoint} was written at data position {state['data']}, but "
                 f"this run would continue at seed {seed}, step {state['step']}"
             )
-        self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.scaler.load_state_dict(state["loss_scaler"])
         if state.get("scaling") is not None:  # delayed-scaling amax histories
@@ -157,6 +198,35 @@ class Session:
         self.clock.load_state_dict(clock)
         return state
 
+    def _load_weights_and_optimizer(self, checkpoint: Path) -> dict[str, Any]:
+        """Weights and optimizer state from either layout into this session's model, whatever
+        the world size either was written or is run at (find_start verified the checkpoint);
+        returns ``state.pt``."""
+        if ckpt.is_sharded(checkpoint):  # DCP: reshards onto any world size, one process too
+            state = ckpt.load_state(checkpoint, verify=False)
+            try:
+                dcp_state.load_sharded(checkpoint, self.model, self.optimizer)
+            except Exception as e:  # DCP says "missing key"/"size mismatch" in many ways
+                raise ckpt.CheckpointError(
+                    f"{checkpoint}: its sharded model/optimizer state does not fit this run "
+                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                ) from e
+            return state
+        if not self.distributed:
+            state = ckpt.load_checkpoint(checkpoint, self.model, verify=False)
+            self.optimizer.load_state_dict(state["optimizer"])
+            return state
+        # a single-process checkpoint into a sharded / replicated model: full tensors on
+        # every rank, each keeps its part
+        state = ckpt.load_state(checkpoint, verify=False)
+        weights = ckpt.read_weights(checkpoint, self.model)
+        dcp_state.load_full(self.model, self.optimizer, weights, state["optimizer"])
+        return state
+
+
+def _quiet(text: str) -> None:
+    del text
+
 
 def build(cfg: TrainConfig, run_dir: Path, say) -> Session:
     """Data, model (converted to the recipe), optimizer, schedule and loss scaler of ``cfg``.
@@ -164,9 +234,39 @@ def build(cfg: TrainConfig, run_dir: Path, say) -> Session:
     The session's wall clock starts here, so wall time includes data and model set-up."""
     clock = Clock()
     run = cfg.run
-    device = resolve_device(run.device)
+    env = DistEnv.from_environ()
+    device = resolve_device(run.device, env)
+    try:
+        mode = resolve_mode(cfg.parallel.mode, env.world_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if mode is not ParallelMode.NONE and not env.distributed:  # not started by torchrun
+        say(f"parallel.mode = {mode.value} without torchrun: training in this one process")
+        mode = ParallelMode.NONE
+    if mode is not ParallelMode.NONE and run.compile:
+        raise ConfigError(f"run.compile = true with parallel.mode = {mode.value}: whole-model "
+                          "compilation is not supported in distributed runs yet (the MX "
+                          "quantizers are still compiled: run.compile_quantize)")  # fmt: skip
+    if run.batch_size % env.world_size:
+        raise ConfigError(
+            f"run.batch_size = {run.batch_size} sequences cannot be split evenly over "
+            f"{env.world_size} processes: use a batch size that is a multiple of {env.world_size}"
+        )
+    comm = LOCAL
+    if mode is not ParallelMode.NONE:
+        try:
+            backend = resolve_backend(cfg.parallel.backend, device.type)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        comm = init_process_group(env, backend, device, cfg.parallel.timeout_s)
+    if not comm.is_main:  # rank 0 speaks for the job
+        say = _quiet
     t0 = time.perf_counter()
+    if not comm.is_main:  # rank 0 tokenizes into the shared cache, the others then map it
+        comm.barrier()
     data = prepare_data(cfg.data)
+    if comm.is_main:
+        comm.barrier()
     require_tokens(data, run.seq_len)
     say(f"data: {len(data.train):,} train / {len(data.val):,} val tokens, vocab "
         f"{data.vocab_size} ({time.perf_counter() - t0:.1f} s) in {data.path}")  # fmt: skip
@@ -194,19 +294,33 @@ def build(cfg: TrainConfig, run_dir: Path, say) -> Session:
     say(f"model: {cfg.model.preset}, {model.num_params():,} parameters; recipe "
         f"{recipe.name}: {n_mx} linear layers quantized{ac}")  # fmt: skip
     odd = {n: r for n, r in (report.kept.items() if report else ()) if "multiple of" in r}
-    if odd:  # said even without progress output: the user asked for a quantized run
+    if (
+        odd and comm.is_main
+    ):  # said even without progress output: the user asked for a quantized run
         name, why = next(iter(odd.items()))
         print(f"mxfp8 train: warning: {len(odd)} linear layer(s) stay in high precision because "
               f"a dim is not a multiple of the recipe's block size (e.g. {name}: {why})",
               file=sys.stderr)  # fmt: skip
-    optimizer = build_optimizer(model, cfg.optim)
+    forward_model = model
+    if mode is ParallelMode.FSDP:
+        shard_model(model, list(model.layers), param_dtype=cfg.parallel.param_dtype,
+                    reshard_after_forward=cfg.parallel.reshard_after_forward)  # fmt: skip
+    elif mode is ParallelMode.DDP:
+        forward_model = replicate_model(model, device)
+    if comm.world_size > 1:
+        say(f"parallel: {mode.value} over {comm.world_size} processes, "
+            f"{run.batch_size // comm.world_size} sequences per rank and micro-batch")  # fmt: skip
+    optimizer = build_optimizer(model, cfg.optim)  # after sharding: over this rank's shards
     schedule = Schedule(optimizer, cfg.schedule, total=run.steps)
-    mode = cfg.loss_scale.enabled
-    scaling_on = mode is LossScaleMode.ON or (
-        mode is LossScaleMode.AUTO and bool(recipe.dynamic_loss_scaling)
+    scale_mode = cfg.loss_scale.enabled
+    scaling_on = scale_mode is LossScaleMode.ON or (
+        scale_mode is LossScaleMode.AUTO and bool(recipe.dynamic_loss_scaling)
     )
     val = eval_batches(data, batch_size=run.batch_size, seq_len=run.seq_len,
                        n_batches=run.eval_batches)  # fmt: skip
+    if comm.world_size > 1:  # each rank evaluates its slice; the loop averages
+        n, r = run.batch_size // comm.world_size, comm.rank
+        val = [(x[r * n : (r + 1) * n], y[r * n : (r + 1) * n]) for x, y in val]
     return Session(
         cfg=cfg,
         run_dir=run_dir,
@@ -218,6 +332,9 @@ def build(cfg: TrainConfig, run_dir: Path, say) -> Session:
         schedule=schedule,
         scaler=LossScaler(cfg.loss_scale, enabled=scaling_on),
         val_batches=val,
+        mode=mode,
+        comm=comm,
+        forward_model=forward_model,
         named_params=list(model.named_parameters()),
         clip_thresholds=cfg.optim.module_thresholds(),
         clock=clock,

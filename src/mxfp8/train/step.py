@@ -15,6 +15,7 @@ naming the step and the first module whose forward output was non-finite.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Any
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from mxfp8.layers.step import step_window
+from mxfp8.parallel.wrap import reduce_delayed_amax
 from mxfp8.train.data import get_batch
 from mxfp8.train.optim import clip_gradients
 from mxfp8.train.runlog import peak_mem_mb
@@ -34,11 +36,12 @@ class NonFiniteError(RuntimeError):
 
 
 def micro_batch(s: Session, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (inputs, targets) of micro-batch ``micro`` of 1-based optimizer step ``step``."""
+    """The (inputs, targets) of micro-batch ``micro`` of 1-based optimizer step ``step``:
+    this rank's slice of the global micro-batch (all of it for one process)."""
     run = s.cfg.run
     x, y = get_batch(s.data, "train", seed=run.seed, step=step - 1, micro=micro,
                      batch_size=run.batch_size, seq_len=run.seq_len)  # fmt: skip
-    return x.to(s.device), y.to(s.device)
+    return s.local_rows(x).to(s.device), s.local_rows(y).to(s.device)
 
 
 def run_step(s: Session, step: int, forward: nn.Module) -> dict[str, Any]:
@@ -48,17 +51,26 @@ def run_step(s: Session, step: int, forward: nn.Module) -> dict[str, Any]:
     t0 = time.perf_counter()
     lr = s.schedule.set_step(step - 1)
     loss_sum = 0.0
+    no_sync = getattr(forward, "no_sync", None)  # DDP: all-reduce once, after the last
     with step_window(s.model):
         for micro in range(accum):
             x, y = micro_batch(s, step, micro)
-            with torch.autocast(s.device.type, dtype=torch.bfloat16):
-                _, loss = forward(x, y)
-            loss_sum += float(loss.detach())
-            s.scaler.scale_loss(loss / accum if accum > 1 else loss).backward()
+            later = no_sync is not None and micro < accum - 1
+            with no_sync() if later else contextlib.nullcontext():
+                with torch.autocast(s.device.type, dtype=torch.bfloat16):
+                    _, loss = forward(x, y)
+                loss_sum += float(loss.detach())
+                s.scaler.scale_loss(loss / accum if accum > 1 else loss).backward()
+        reduce_delayed_amax(s.model, s.comm)  # one amax history on every rank
+    # the mean over ranks: what is logged, and the same Inf/NaN verdict on every rank
+    loss_sum = s.comm.mean(loss_sum)
     scale_used = s.scaler.scale
     params = s.named_params
     s.scaler.unscale_(p for _, p in params)
-    grad_norm, found_inf = clip_gradients(params, s.cfg.optim.grad_clip, s.clip_thresholds)
+    # sharded gradients: the norms are over full parameters (squares summed over ranks)
+    reduce = s.comm.sum_ if s.sharded and s.comm.active else None
+    grad_norm, found_inf = clip_gradients(params, s.cfg.optim.grad_clip, s.clip_thresholds,
+                                          reduce_sq=reduce)  # fmt: skip
     loss_finite = math.isfinite(loss_sum)
     skip = found_inf or not loss_finite
     if not skip:
