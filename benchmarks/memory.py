@@ -313,7 +313,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     parts: dict[str, int] = {}
 
     def step() -> None:
-        with step_window(model):
+        with step_window(model, micro_batches=1):  # as the loop opens it
             with saved.forward(), torch.autocast(device.type, dtype=torch.bfloat16):
                 _, loss = model(x, y)
             parts["caches"] = _bytes([m._weight_cache for m in mx_layers], param_ptrs)

@@ -195,6 +195,34 @@ def test_replaced_parameter_inside_a_window_is_caught(name):
     assert torch.equal(y3, ref(x))
 
 
+@pytest.mark.parametrize("name", [*CACHING, "fp8-delayed"])
+def test_a_window_of_one_micro_batch_keeps_no_cache_and_changes_no_bit(name):
+    """One forward per step: nothing to reuse, so the window caches nothing (the copies
+    would only add to the step's peak memory), with the same numbers as a caching window."""
+    layer, ref = _layer(name), None
+    ref = _fresh_like(layer)
+    ref.cache_weights = True
+    for step in range(2):
+        x, dy = _x(10 * step), _x(100 + step)
+        n = layer.weight_quantizations
+        with step_window(layer, micro_batches=1):
+            got = _fwd_bwd(layer, x, dy)
+            assert not layer._weight_cache and layer.weight_cache_nbytes() == 0
+        with step_window(ref):
+            want = _fwd_bwd(ref, x, dy)
+            assert ref._weight_cache  # the caching window does keep them
+        assert layer.weight_quantizations - n == PER_STEP[name]  # each copy made once anyway
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b)
+        assert torch.equal(layer.weight.grad, ref.weight.grad)
+        for lyr in (layer, ref):
+            torch.optim.SGD(lyr.parameters(), lr=0.1).step()
+            lyr.zero_grad()
+    with pytest.raises(ValueError, match="micro_batches must be >= 1"):
+        with step_window(layer, micro_batches=0):
+            pass
+
+
 def test_cache_weights_false_turns_the_cache_off_inside_a_window():
     layer = _layer("mxfp8")
     layer.cache_weights = False

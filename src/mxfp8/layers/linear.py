@@ -107,6 +107,7 @@ class MXLinear(nn.Linear):
         self.reuse_buffers = True
         self._weight_cache: dict[tuple, Any] = {}
         self._window_open = False  # set by step_window: the only time the cache is used
+        self._window_reuse = False  # the window has more than one forward (see step_window)
         self._plans: dict[tuple, MXPlan] = {}
         self.delayed_state = (
             DelayedState(self.recipe) if self.recipe.scaling is ScalingKind.DELAYED else None
@@ -168,18 +169,20 @@ class MXLinear(nn.Linear):
         return None if is_recomputing() else self.observer
 
     # --- step window (see mxfp8.layers.step) ----------------------------------------------
-    def _open_window(self) -> None:
-        """A new optimizer step begins: drop cached operands, commit last step's amaxes."""
+    def _open_window(self, reuse: bool = True) -> None:
+        """A new optimizer step begins: drop cached operands, commit last step's amaxes.
+        ``reuse=False``: the step has a single forward, so the cache stays off."""
         if self._window_open:
             raise RuntimeError(f"a step window is already open on MXLinear {self.name!r}")
         self._weight_cache.clear()
         if self.delayed_state is not None:
             self.delayed_state.commit()
         self._window_open = True
+        self._window_reuse = reuse
 
     def _close_window(self) -> None:
         """The step's forwards are over (the optimizer may now write): drop the cache."""
-        self._window_open = False
+        self._window_open = self._window_reuse = False
         self._weight_cache.clear()
         SHARED.clear()  # the shared input copy of the last forward: no longer needed
 

@@ -210,8 +210,9 @@ def weight_operand(
     signal catches every write (``p.data.mul_`` bumps neither the version counter nor the
     storage pointer), so outside a window there is no cache to invalidate. Inside one, the key
     still holds the version counter and storage pointer, a guard against a parameter replaced
-    or updated in place (by tracked ops) mid-window. With an observer attached, or
-    ``layer.cache_weights`` False, the cache is bypassed (telemetry sees a fresh MXTensor).
+    or updated in place (by tracked ops) mid-window. With an observer attached,
+    ``layer.cache_weights`` False, or a window of one forward (``micro_batches=1``: nothing to
+    reuse, so no copy outlives its GEMM), the cache is bypassed.
 
     The cache holds the copies as MX (FP8 codes and E8M0 scales: the backend's stored form,
     8.25 bits per weight and copy, at most two copies per layer, dropped when the window
@@ -226,7 +227,8 @@ def weight_operand(
     if layer is None:
         return be.quantize_mx(hp, spec, dt)
     observer = layer.observing()
-    if not (layer._window_open and observer is None and layer.cache_weights):
+    caching = layer._window_open and layer._window_reuse and layer.cache_weights
+    if not (caching and observer is None):
         layer.weight_quantizations += 1
         return be.quantize_mx(hp, spec, dt, want_q=observer is not None)
     key = (gemm, weight._version, weight.data_ptr(), dt, be.name)

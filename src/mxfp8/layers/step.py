@@ -13,7 +13,11 @@ Two things hang on the window, for every :class:`~mxfp8.layers.linear.MXLinear` 
 
 - the quantized weight cache exists only inside it: the micro-batches of one step quantize
   each weight once; outside any window every forward quantizes the weight fresh, so no write
-  to a weight (``.data`` included, which no version counter sees) can leave a stale copy;
+  to a weight (``.data`` included, which no version counter sees) can leave a stale copy.
+  A window told ``micro_batches=1`` (the loop says how many forwards the step has) keeps no
+  cache either: with one forward nothing is reused, and the cached copies (two FP8 copies
+  of every weight, held until the window closes) would only add to the step's peak memory;
+  the backward then quantizes the dgrad copy from the weight it saved;
 - delayed scaling commits the previous step's pending amaxes when a window opens, so its
   history advances exactly once per window (outside windows: once per recording forward; see
   :mod:`mxfp8.layers.tensorwise_function`).
@@ -41,11 +45,12 @@ from mxfp8.layers.linear import MXLinear
 
 
 @contextlib.contextmanager
-def step_window(model: nn.Module) -> Iterator[None]:
+def step_window(model: nn.Module, *, micro_batches: int | None = None) -> Iterator[None]:
     """Open a step window on every :class:`MXLinear` of ``model`` (``model`` included).
 
     On entry, each layer drops its cached weight operands and commits its pending
-    delayed-scaling amaxes; inside, weight operands are quantized once and reused; on exit
+    delayed-scaling amaxes; inside, weight operands are quantized once and reused (unless
+    ``micro_batches`` is 1: then there is nothing to reuse and nothing is cached); on exit
     (normal or by an exception) the caches are dropped again. Raises ``RuntimeError`` if any
     of those layers is already inside a window (windows do not nest; nothing is changed).
     """
@@ -56,10 +61,13 @@ def step_window(model: nn.Module) -> Iterator[None]:
             f"step_window is already open on {len(busy)} layer(s) of this model "
             f"(first: {busy[0]!r}); windows do not nest: open one per optimizer step"
         )
+    if micro_batches is not None and micro_batches < 1:
+        raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+    reuse = micro_batches is None or micro_batches > 1
     opened: list[MXLinear] = []
     try:
         for m in layers:
-            m._open_window()
+            m._open_window(reuse)
             opened.append(m)
         yield
     finally:

@@ -170,7 +170,12 @@ def weight_operand(layer, weight: torch.Tensor, recording: bool):
     is fixed within a window. A cached weight whose amax was not recorded yet (the window's
     first forward ran without grad) records it at the first recording call.
     """
-    use_cache = layer._window_open and layer.observing() is None and layer.cache_weights
+    use_cache = (
+        layer._window_open
+        and layer._window_reuse
+        and layer.observing() is None
+        and layer.cache_weights
+    )
     if not use_cache:
         layer.weight_quantizations += 1
         return quantize_operand(layer, weight, "weight", recording)

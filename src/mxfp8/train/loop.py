@@ -149,7 +149,9 @@ def _summary(s: Session, val_loss: float | None, hooks: list[TrainHook]) -> dict
     }
     report = getattr(s.model, "mxfp8_report", None)
     if report is not None:  # memory the MX layers hold beyond activations (docs/performance.md)
-        summary["weight_cache_mib"] = report.weight_cache_bytes / 2**20
+        # the cache's bound; a step of one micro-batch keeps none (nothing to reuse)
+        cached = report.weight_cache_bytes if s.cfg.run.accum_steps > 1 else 0
+        summary["weight_cache_mib"] = cached / 2**20
         summary["scratch_pool_mib"] = pool_nbytes() / 2**20
     for h in hooks:
         extra = h.summary()

@@ -1,7 +1,8 @@
 """One optimizer step, and what happens when its numbers are not finite.
 
 In order: set the lr of this step; open the step window (the MX layers quantize each weight
-once for all micro-batches, and delayed scaling advances its history once); for each
+once for all micro-batches, none kept when there is one, and delayed scaling advances its
+history once); for each
 micro-batch, forward under bf16 autocast and backward of the scaled loss; close the window;
 unscale; measure the global gradient norm; then either step AdamW on the fp32 master weights
 (after per-module and global clipping), or, when the loss or a gradient is Inf/NaN, skip the
@@ -52,7 +53,7 @@ def run_step(s: Session, step: int, forward: nn.Module) -> dict[str, Any]:
     lr = s.schedule.set_step(step - 1)
     loss_sum = 0.0
     no_sync = getattr(forward, "no_sync", None)  # DDP: all-reduce once, after the last
-    with step_window(s.model):
+    with step_window(s.model, micro_batches=accum):
         for micro in range(accum):
             x, y = micro_batch(s, step, micro)
             later = no_sync is not None and micro < accum - 1
