@@ -4,11 +4,20 @@ Hypothesis keeps no example database in the checkout; ``one_thread`` pins torch 
 for tests that compare training numbers (CPU results depend on the thread count).
 """
 
-import pytest
-from hypothesis import settings
+import os
 
-from mxfp8.train.data import DataConfig, prepare_data
-from mxfp8.train.golden import torch_threads
+import torch
+
+# the Triton kernels run on CPU through Triton's interpreter; it is chosen when a kernel is
+# defined, so the variable must be set before mxfp8.numerics.triton_mx is first imported
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+from mxfp8.train.data import DataConfig, prepare_data  # noqa: E402
+from mxfp8.train.golden import torch_threads  # noqa: E402
 
 settings.register_profile("mxfp8", database=None, deadline=None)
 settings.load_profile("mxfp8")

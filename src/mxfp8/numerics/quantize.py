@@ -26,7 +26,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from mxfp8.numerics import kernels, two_pass
+from mxfp8.numerics import backends, kernels, two_pass
+from mxfp8.numerics.backends import Kernel
 from mxfp8.numerics.formats import E4M3, ElemFormat, ScaleRule, as_format, check_float_input
 from mxfp8.numerics.tensor import MXTensor
 
@@ -98,6 +99,30 @@ RECOMPILE_LIMIT = 64
 """Graphs per compiled quantizer copy before dynamo gives up (see :func:`_compiled`)."""
 
 
+def _quantize_other(x, fmt: ElemFormat, block_size: int, dim: int, rule: ScaleRule,
+                    which: Kernel) -> MXTensor:  # fmt: skip
+    """The Triton and reference kernels (partial last blocks zero-padded, as ``pad=True``)."""
+    if which is Kernel.TRITON:
+        from mxfp8.numerics import triton_mx
+
+        if x.dim() != 2:
+            raise ValueError(f"kernel 'triton' quantizes 2-D tensors, got shape {tuple(x.shape)}")
+        row, col = triton_mx.quantize_rowcol(x, fmt, rule, block_size=block_size, row=dim == 1,
+                                             col=dim == 0)  # fmt: skip
+        codes, bits = row if dim == 1 else col
+        return MXTensor(codes.view(fmt.torch_dtype), bits.view(torch.float8_e8m0fnu), fmt,
+                        block_size, dim, rule)  # fmt: skip
+    from mxfp8.numerics.reference import ref_quantize
+
+    size = x.shape[dim]
+    padded = F.pad(x.float(), [0, 0] * (x.dim() - 1 - dim) + [0, (-size) % block_size])
+    codes, bits = ref_quantize(padded.cpu().numpy(), fmt, block_size=block_size, dim=dim,
+                               scale_rule=rule)  # fmt: skip
+    data = torch.from_numpy(codes).narrow(dim, 0, size).contiguous().view(fmt.torch_dtype)
+    scale = torch.from_numpy(bits).view(torch.float8_e8m0fnu)
+    return MXTensor(data.to(x.device), scale.to(x.device), fmt, block_size, dim, rule)
+
+
 def _kernel(fn: Callable, compiled: bool, fmt, rule, dtype) -> Callable:
     if torch.compiler.is_compiling():  # inside a caller's torch.compile: it traces the
         return functools.partial(fn, fused=True)  # branch-free kernel and fuses it itself
@@ -130,6 +155,7 @@ def quantize(
     pad: bool = False,
     compiled: bool = False,
     out: MXTensor | None = None,
+    kernel: str | None = None,
 ) -> MXTensor:
     """MX-quantize ``x`` (fp32, bf16 or fp16, any rank) along ``dim``.
 
@@ -142,11 +168,29 @@ def quantize(
     after a first call that compiles). ``out``: an MXTensor of the same shape, format and
     layout whose ``data`` and ``scale`` buffers are overwritten and returned in a new
     MXTensor; fresh large allocations are slow on CPU, so hot loops should reuse buffers.
+    ``kernel`` names the implementation (:mod:`mxfp8.numerics.backends`: ``reference``,
+    ``eager``, ``inductor``, ``cpu``, ``triton``); all give the same result.
     """
     dim = _check_args(x, block_size, dim)
     fmt = as_format(fmt)
     rule = ScaleRule.parse(scale_rule)
     size = x.shape[dim]
+    which = backends.resolve(kernel, compiled, x.device)
+    if which in (Kernel.TRITON, Kernel.REFERENCE) and x.numel():
+        if size % block_size and not pad:
+            raise ValueError(
+                f"size {size} along dim {dim} is not a multiple of block_size {block_size} "
+                "(pass pad=True to zero-pad the last block)"
+            )
+        t = _quantize_other(x, fmt, block_size, dim, rule, which)
+        if out is not None:
+            _check_out(out.data, x.shape, fmt.torch_dtype, "out.data")
+            _check_out(out.scale, t.scale.shape, torch.float8_e8m0fnu, "out.scale")
+            t = MXTensor(out.data.copy_(t.data), out.scale.copy_(t.scale), fmt, block_size,
+                         dim, rule)  # fmt: skip
+        return t
+    compiled = which in (Kernel.INDUCTOR, Kernel.CPU)
+    two = which is Kernel.CPU
     if x.numel() == 0:
         scale_shape = list(x.shape)
         scale_shape[dim] = -(-size // block_size)
@@ -160,7 +204,7 @@ def quantize(
     if out is not None:
         _check_out(out.data, x.shape, fmt.torch_dtype, "out.data")
         _check_out(out.scale, torch.Size(scale_shape), torch.float8_e8m0fnu, "out.scale")
-    if _two_pass(compiled, x):
+    if two and _two_pass(compiled, x):
         scale_view = (xb.shape[0], 1, xb.shape[2])  # one scale per (outer, inner) block
         if direct:
             codes = out.data.view(torch.uint8).view(xb.shape)
@@ -184,7 +228,11 @@ def quantize(
 
 
 def dequantize(
-    t: MXTensor, dtype: torch.dtype = torch.float32, *, compiled: bool = False
+    t: MXTensor,
+    dtype: torch.dtype = torch.float32,
+    *,
+    compiled: bool = False,
+    kernel: str | None = None,
 ) -> torch.Tensor:
     """``t.dequantize(dtype)``: data times 2^scale, NaN for blocks with a NaN scale.
 
@@ -192,6 +240,13 @@ def dequantize(
     of an FP8 value and a power of two is exact in fp32, then cast once), for tensors whose
     blocked size is a multiple of the block size; others take the eager path.
     """
+    which = backends.resolve(kernel, compiled, t.data.device)
+    if which is Kernel.TRITON and t.data.dim() == 2 and t.data.numel():
+        from mxfp8.numerics import triton_mx
+
+        codes, bits = t.data.view(torch.uint8), t.scale.view(torch.uint8)
+        return triton_mx.dequantize(codes, bits, t.fmt, t.dim, dtype)
+    compiled = which in (Kernel.INDUCTOR, Kernel.CPU)
     size = t.data.shape[t.dim] if t.data.dim() else 0
     if not compiled or t.data.numel() == 0 or size % t.block_size:
         return t.dequantize(dtype)
