@@ -20,6 +20,7 @@ its last dimension (never a transposed quantized tensor: MX blocks do not surviv
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,8 @@ from mxfp8.layers.scale_layout import (  # noqa: F401 - re-exported: part of thi
     to_blocked_scales,
 )
 from mxfp8.numerics.tensor import MXTensor
+
+log = logging.getLogger(__name__)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -274,12 +277,22 @@ def _is_sm100_plus(device: torch.device) -> bool:
 
 
 class ScaledMMBackend:
-    """``torch._scaled_mm`` on FP8 data with swizzled E8M0 block scales (SM100+ only)."""
+    """``torch._scaled_mm`` on FP8 data with swizzled E8M0 block scales (SM100+ only).
+
+    ``mm``: the matmul to call (``torch._scaled_mm``; tests pass
+    :func:`mxfp8.layers.scaled_mm_model.scaled_mm_model` with ``require_sm100=False`` to run
+    the backend on CPU). A reduction dim that is not a multiple of 32 (the token count, in
+    the wgrad GEMM) is zero-padded, as the emulated backend pads its last block.
+    """
 
     name = "scaled_mm"
 
+    def __init__(self, mm=None, *, require_sm100: bool = True) -> None:
+        self.mm = mm if mm is not None else torch._scaled_mm
+        self.require_sm100 = require_sm100
+
     def check(self, device: torch.device) -> None:
-        if _is_sm100_plus(device):
+        if _is_sm100_plus(device) or not self.require_sm100:
             return
         if device.type == "cuda" and torch.cuda.is_available():
             cap = torch.cuda.get_device_capability(device)
@@ -304,18 +317,19 @@ class ScaledMMBackend:
         from mxfp8.numerics.quantize import quantize
 
         self.check(hp.device)
-        if spec.block_size != 32 or hp.shape[-1] % 32:
-            raise ValueError(
-                f"scaled_mm needs MX blocks of 32 and a reduction dim that is a multiple of 32, "
-                f"got block_size {spec.block_size}, shape {tuple(hp.shape)}"
-            )
+        if spec.block_size != 32:
+            raise ValueError(f"scaled_mm needs MX blocks of 32, got block_size {spec.block_size}")
         src, dim, transposed = _source(hp)
         q = quantize(src, spec.fmt, dim=dim, **_quantize_kwargs(spec))
         if transposed:  # transposing data *with* its scales keeps every block intact
-            op = _NTOperand(q.data.t().contiguous(), q.scale.t().contiguous())
+            data, scale = q.data.t().contiguous(), q.scale.t().contiguous()
         else:
-            op = _NTOperand(q.data, q.scale)
-        return op, (q if want_q else None)
+            data, scale = q.data, q.scale
+        short = (-data.shape[1]) % 32  # the last block's padding (zeros: they add nothing)
+        if short:
+            padded = torch.nn.functional.pad(data.view(torch.uint8), (0, short))
+            data = padded.view(data.dtype)
+        return _NTOperand(data, scale), (q if want_q else None)
 
     def quantize_pair(self, hp, spec_row, spec_col, out_dtype, *, out_row=None, out_col=None):
         """No shared row+column kernel here: the caller quantizes each copy itself."""
@@ -346,7 +360,7 @@ class ScaledMMBackend:
         sa = to_blocked_scales(a.scale)
         sb = to_blocked_scales(b.scale)
         # _scaled_mm wants a row-major [M, K] and a column-major [K, N]
-        return torch._scaled_mm(a.data, b.data.t(), sa, sb, out_dtype=out_dtype)
+        return self.mm(a.data, b.data.t(), sa, sb, out_dtype=out_dtype)
 
 
 def select_backend(
@@ -363,5 +377,6 @@ def select_backend(
         b.check(device)
         return b
     if backend is Backend.AUTO and _is_sm100_plus(device):
+        log.info("GEMM backend auto on %s (SM100+): scaled_mm", device)
         return ScaledMMBackend()
     return EmulatedBackend(compiled=compiled)
