@@ -2,9 +2,10 @@
 
 An optional backend (``pip install mxfp8[gpu]``): this module imports ``triton``, and the
 package imports this module only when the Triton kernels are asked for;
-:func:`available` says whether they can run. On CPU the kernels run through Triton's
-interpreter (``TRITON_INTERPRET=1``, set before ``triton`` is first imported), which is how
-the tests check them bit for bit against the reference quantizer.
+:func:`mxfp8.numerics.backends.triton_available` says whether they can run. On CPU the
+kernels run through Triton's interpreter (``TRITON_INTERPRET=1``, set before ``triton`` is
+first imported), which is how the tests check them bit for bit against the reference
+quantizer.
 
 Why only integer arithmetic. Every FP8 code and E8M0 scale is computed from the fp32 *bits*
 of the input, with integer shifts, adds and compares: no float multiply, no float-to-FP8
@@ -34,25 +35,13 @@ with zeros for its amax, as the reference pads it. One program handles a 32 x 32
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from mxfp8.numerics.formats import E8M0_BIAS, E8M0_NAN, ElemFormat, ScaleRule
+from mxfp8.numerics.formats import ElemFormat, ScaleRule
 
 TILE = 32  # the MX block size this backend supports
-_NAN_CODE = 0x7F  # what a NaN becomes in both FP8 formats (and what the reference writes)
-
-
-def available() -> bool:
-    """Whether the Triton kernels can run here: triton is installed, and there is a CUDA
-    device or the interpreter is on (``TRITON_INTERPRET=1``)."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _constants(fmt: ElemFormat, rule: ScaleRule) -> dict[str, int]:
@@ -106,6 +95,17 @@ def _encode(bits, scale_e, MAN: tl.constexpr, EMIN: tl.constexpr, MAX_CODE: tl.c
 
 
 @triton.jit
+def _tile(R, C, T: tl.constexpr):
+    """This program's T x T tile of an [R, C] matrix: its grid position, row and column
+    indices, and the mask of the elements inside the matrix."""
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_r * T + tl.arange(0, T)
+    cols = pid_c * T + tl.arange(0, T)
+    return pid_r, pid_c, rows, cols, (rows[:, None] < R) & (cols[None, :] < C)
+
+
+@triton.jit
 def quantize_rowcol_kernel(
     x_ptr, row_q_ptr, row_s_ptr, col_q_ptr, col_s_ptr,
     R, C, stride_r, stride_c, n_row_blocks, n_col_blocks,
@@ -113,11 +113,7 @@ def quantize_rowcol_kernel(
     RCEIL_ADD: tl.constexpr, ROW: tl.constexpr, COL: tl.constexpr, T: tl.constexpr,
     BF16_BITS: tl.constexpr,
 ):  # fmt: skip
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    rows = pid_r * T + tl.arange(0, T)
-    cols = pid_c * T + tl.arange(0, T)
-    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    pid_r, pid_c, rows, cols, mask = _tile(R, C, T)
     x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask,
                 other=0)  # fmt: skip
     if BF16_BITS:  # bf16 given as its int16 bits: the fp32 bits are the same 16, shifted
@@ -175,11 +171,7 @@ def dequantize_kernel(
     MAN: tl.constexpr, BIAS: tl.constexpr, E4M3: tl.constexpr, DIM: tl.constexpr,
     T: tl.constexpr,
 ):  # fmt: skip
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    rows = pid_r * T + tl.arange(0, T)
-    cols = pid_c * T + tl.arange(0, T)
-    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    pid_r, pid_c, rows, cols, mask = _tile(R, C, T)
     off = rows[:, None] * C + cols[None, :]
     c = tl.load(q_ptr + off, mask=mask, other=0).to(tl.int32)
     if DIM == 1:
@@ -190,10 +182,6 @@ def dequantize_kernel(
         sb = sb.to(tl.int32)[None, :]
     v = decode_fp8(c, MAN, BIAS, E4M3)
     tl.store(out_ptr + off, v * e8m0_to_float(sb), mask=mask)
-
-
-def _kernels():
-    return quantize_rowcol_kernel, dequantize_kernel
 
 
 def _check(x: torch.Tensor, block_size: int) -> None:
@@ -211,7 +199,6 @@ def quantize_rowcol(x: torch.Tensor, fmt: ElemFormat, rule: ScaleRule, *, block_
     ``(codes uint8 [R, C], scale bits uint8)`` or None when not asked for; the row copy's
     scales are [R, ceil(C/32)] (blocks along dim 1), the column copy's [ceil(R/32), C]."""
     _check(x, block_size)
-    qk, _ = _kernels()
     R, C = x.shape
     nr, nc = -(-R // TILE), -(-C // TILE)
     dev = x.device
@@ -224,7 +211,7 @@ def quantize_rowcol(x: torch.Tensor, fmt: ElemFormat, rule: ScaleRule, *, block_
         # bf16 goes in as its bits: the interpreter's bf16 -> fp32 conversion loses bf16
         # subnormals, and integer bits need no conversion at all
         bf16 = x.dtype == torch.bfloat16
-        qk[(nr, nc)](
+        quantize_rowcol_kernel[(nr, nc)](
             x.view(torch.int16) if bf16 else x, row_q if row else dummy,
             row_s if row else dummy, col_q if col else dummy,
             col_s if col else dummy, R, C, x.stride(0), x.stride(1), nr, nc,
@@ -237,16 +224,17 @@ def dequantize(codes: torch.Tensor, scale_bits: torch.Tensor, fmt: ElemFormat, d
                dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
     """Codes [R, C] (uint8) times their E8M0 scales (uint8; blocks along ``dim``) in fp32,
     then cast to ``dtype`` by torch (one RNE)."""
-    _, dk = _kernels()
     codes = codes.contiguous()
     R, C = codes.shape
     out = torch.empty((R, C), dtype=torch.float32, device=codes.device)
     if R and C:
         grid = (-(-R // TILE), -(-C // TILE))
-        dk[grid](codes, scale_bits, out, R, C, scale_bits.stride(0), scale_bits.stride(1),
-                 MAN=fmt.man_bits, BIAS=fmt.bias, E4M3=fmt.name == "e4m3", DIM=1 if dim else 0,
-                 T=TILE)  # fmt: skip
+        dequantize_kernel[grid](
+            codes, scale_bits, out, R, C, scale_bits.stride(0), scale_bits.stride(1),
+            MAN=fmt.man_bits, BIAS=fmt.bias, E4M3=fmt.name == "e4m3", DIM=1 if dim else 0,
+            T=TILE,
+        )  # fmt: skip
     return out if dtype == torch.float32 else out.to(dtype)
 
 
-__all__ = ["E8M0_BIAS", "E8M0_NAN", "TILE", "available", "dequantize", "quantize_rowcol"]
+__all__ = ["TILE", "dequantize", "quantize_rowcol"]

@@ -20,8 +20,6 @@ from typing import Any
 import torch
 from torch import nn
 
-DCP_METADATA = ".metadata"  # written by DCP next to the shard files; marks the layout
-
 
 def _api():
     from torch.distributed.checkpoint import state_dict as sd

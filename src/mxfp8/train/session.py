@@ -142,12 +142,7 @@ class Session:
         return self.mode is ParallelMode.FSDP
 
     def local_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's disjoint slice of a global batch (rows ``rank*n : (rank+1)*n``)."""
-        world = self.comm.world_size
-        if world == 1:
-            return x
-        n = x.shape[0] // world
-        return x[self.comm.rank * n : (self.comm.rank + 1) * n]
+        return rank_rows(x, self.comm)
 
     def data_identity(self) -> dict[str, Any]:
         """What the token ids mean: the prepared corpus and the tokenizer's exact content."""
@@ -222,6 +217,16 @@ class Session:
         weights = ckpt.read_weights(checkpoint, self.model)
         dcp_state.load_full(self.model, self.optimizer, weights, state["optimizer"])
         return state
+
+
+def rank_rows(x: torch.Tensor, comm: Comm) -> torch.Tensor:
+    """This rank's disjoint slice of a global batch (rows ``rank*n : (rank+1)*n``); all of it
+    for one process."""
+    world = comm.world_size
+    if world == 1:
+        return x
+    n = x.shape[0] // world
+    return x[comm.rank * n : (comm.rank + 1) * n]
 
 
 def _quiet(text: str) -> None:
@@ -318,9 +323,8 @@ def build(cfg: TrainConfig, run_dir: Path, say) -> Session:
     )
     val = eval_batches(data, batch_size=run.batch_size, seq_len=run.seq_len,
                        n_batches=run.eval_batches)  # fmt: skip
-    if comm.world_size > 1:  # each rank evaluates its slice; the loop averages
-        n, r = run.batch_size // comm.world_size, comm.rank
-        val = [(x[r * n : (r + 1) * n], y[r * n : (r + 1) * n]) for x, y in val]
+    # each rank evaluates its slice; the loop averages over the ranks
+    val = [(rank_rows(x, comm), rank_rows(y, comm)) for x, y in val]
     return Session(
         cfg=cfg,
         run_dir=run_dir,
