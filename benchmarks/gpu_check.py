@@ -7,7 +7,8 @@ another fails:
 2. ``quantize``: GB/s of input read by ``quantize`` (Inductor and Triton kernels; bf16 and
    fp32; 16384 x 16384) against ``copy_``'s, the memory ceiling;
 3. ``linear``: MXLinear forward+backward against ``nn.Linear`` under bf16 autocast, at
-   8192x4096x4096 and 16384x8192x8192 (tokens x in x out);
+   8192x4096x4096 and 16384x8192x8192 (tokens x in x out), with the layer's default quantize
+   kernel on CUDA (Inductor) and with ``quantize_kernel="triton"``;
 4. ``train_step``: one optimizer step of presets ``350m`` and ``1b``, mxfp8 against bf16
    (tokens/s, peak memory);
 5. ``run``: a 150-step ``125m`` run under bf16 and under mxfp8 on the built-in corpus, and
@@ -96,14 +97,22 @@ def check_linear(dry: bool, device: str) -> dict[str, Any]:
     from mxfp8 import recipe
     from mxfp8.layers.linear import MXLinear
     from mxfp8.layers.step import step_window
+    from mxfp8.numerics.backends import triton_available
 
     shapes = [(64, 64, 64)] if dry else [(8192, 4096, 4096), (16384, 8192, 8192)]
     out: dict[str, Any] = {}
     for m, k, n in shapes:
         ref = nn.Linear(k, n, bias=False, device=device)
-        mx = MXLinear(k, n, bias=False, device=device, recipe=recipe("mxfp8"),
-                      compile_quantize=True)  # fmt: skip
-        mx.weight = ref.weight
+        layers = {"bf16": ref}
+        # the layer's default quantize kernel on CUDA (inductor) and the Triton one: which is
+        # faster decides the documented default (docs/architecture.md, "Kernels")
+        for name, kernel in (("mxfp8", None), ("mxfp8-triton", "triton")):
+            if kernel == "triton" and not triton_available():
+                continue
+            mx = MXLinear(k, n, bias=False, device=device, recipe=recipe("mxfp8"),
+                          compile_quantize=True, quantize_kernel=kernel)  # fmt: skip
+            mx.weight = ref.weight
+            layers[name] = mx
         x = torch.randn(m, k, device=device, requires_grad=True)
         dy = torch.randn(m, n, device=device, dtype=torch.bfloat16)
 
@@ -118,8 +127,9 @@ def check_linear(dry: bool, device: str) -> dict[str, Any]:
             return run
 
         times = {name: _median_time(step(layer), 2, 3 if dry else 10)
-                 for name, layer in (("bf16", ref), ("mxfp8", mx))}  # fmt: skip
-        out[f"{m}x{k}x{n}"] = {**times, "ratio": times["mxfp8"] / times["bf16"]}
+                 for name, layer in layers.items()}  # fmt: skip
+        ratios = {f"ratio_{name}": t / times["bf16"] for name, t in times.items() if name != "bf16"}
+        out[f"{m}x{k}x{n}"] = {**times, "ratio": times["mxfp8"] / times["bf16"], **ratios}
     return out
 
 

@@ -9,7 +9,7 @@ import os
 import torch
 
 # the Triton kernels run on CPU through Triton's interpreter; it is chosen when a kernel is
-# defined, so the variable must be set before mxfp8.numerics.triton_mx is first imported
+# defined, so the variable must be set before mxfp8.numerics.backends.triton_mx is first imported
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -26,6 +26,7 @@ def test_gpu_check_dry_run_completes_every_section(tmp_path):
     assert results["quantize"]["inductor_bfloat16_gbs"] > 0
     assert results["quantize"]["triton_float32_gbs"] > 0  # the Triton kernel ran too
     assert results["linear"]["64x64x64"]["ratio"] > 0
+    assert results["linear"]["64x64x64"]["ratio_mxfp8-triton"] > 0  # the layer on Triton
     assert results["train_step"]["tiny"]["mxfp8"]["tokens_per_s"] > 0
     run = results["run"]
     assert run["bf16"]["final_val_loss"] > 0 and run["mxfp8"]["final_val_loss"] > 0

@@ -13,10 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mxfp8.layers.gemm import EmulatedBackend
 from mxfp8.layers.linear import MXLinear
 from mxfp8.layers.recipe import recipe
 from mxfp8.layers.step import step_window
+from mxfp8.numerics.backends import triton_available
 
 M, K, N = 64, 64, 64  # one shape for x and dy: one compile of the shared kernel
 
@@ -27,8 +27,9 @@ def _wide(shape, seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=g) * mag
 
 
-def _run(name: str, compiled: bool, autocast: bool, two_forwards: bool = False):
-    layer = MXLinear(K, N, bias=True, recipe=recipe(name), compile_quantize=compiled)
+def _run(name: str, compiled: bool, autocast: bool, two_forwards: bool = False, kernel=None):
+    layer = MXLinear(K, N, bias=True, recipe=recipe(name), compile_quantize=compiled,
+                     quantize_kernel=kernel)  # fmt: skip
     with torch.no_grad():
         layer.weight.copy_(_wide((N, K), 1))
         layer.bias.copy_(_wide((N,), 6))
@@ -48,26 +49,20 @@ def _run(name: str, compiled: bool, autocast: bool, two_forwards: bool = False):
 
 @pytest.fixture
 def pair_calls(monkeypatch):
-    """Records, for each shared row+column quantization tried, whether its shared kernel ran:
-    dy's two operands (``quantize_pair``), and the kernels that keep a copy as MX (the
-    weight's two cached copies, x's operand plus its stored wgrad copy: ``rowcol._fast``)."""
+    """Records, for each shared row+column quantization tried, whether a shared kernel ran
+    (``rowcol._shared``): dy's two operands, the weight's two copies, x's operand plus its
+    stored wgrad copy."""
     from mxfp8.numerics import rowcol
 
     calls = []
-    orig_pair, orig_fast = EmulatedBackend.quantize_pair, rowcol._fast
+    orig = rowcol._shared
 
-    def counting_pair(self, *args, **kwargs):
-        res = orig_pair(self, *args, **kwargs)
+    def counting(*args, **kwargs):
+        res = orig(*args, **kwargs)
         calls.append(res is not None)
         return res
 
-    def counting_fast(*args, **kwargs):
-        res = orig_fast(*args, **kwargs)
-        calls.append(res)
-        return res
-
-    monkeypatch.setattr(EmulatedBackend, "quantize_pair", counting_pair)
-    monkeypatch.setattr(rowcol, "_fast", counting_fast)
+    monkeypatch.setattr(rowcol, "_shared", counting)
     return calls
 
 
@@ -134,3 +129,35 @@ def test_compiled_weight_pair_cached_across_micro_batches():
     assert fast.weight_quantizations == 3
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(y.view(torch.uint8), ref(x).view(torch.uint8))
+
+
+@pytest.mark.parametrize(
+    "kernel",
+    [
+        # the CUDA default (Inductor's fused kernel), run here on CPU tensors
+        "inductor",
+        pytest.param(
+            "triton",
+            marks=pytest.mark.skipif(not triton_available(), reason="triton is not installed"),
+        ),
+    ],
+)
+def test_layer_with_a_chosen_kernel_bit_identical(pair_calls, kernel):
+    """``quantize_kernel`` changes which kernel quantizes, never a bit: outputs and gradients
+    equal the eager layer's. Triton makes both copies of x, W and dy from one read each (the
+    shared path runs); Inductor makes each copy with its own call."""
+    eager = _run("mxfp8", compiled=False, autocast=True)
+    n_eager = len(pair_calls)
+    chosen = _run("mxfp8", compiled=False, autocast=True, kernel=kernel)
+    shared = pair_calls[n_eager:]
+    # Inductor: only x's operand + stored copy goes through the two-copy entry (which then
+    # makes two calls); W and dy are quantized copy by copy
+    assert shared == ([True, True, True] if kernel == "triton" else [False])
+    for a, b in zip(eager, chosen, strict=True):
+        assert a.dtype == b.dtype
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def test_unknown_quantize_kernel_is_refused():
+    with pytest.raises(ValueError, match="unknown kernel 'tritn'.*'triton'"):
+        MXLinear(K, N, quantize_kernel="tritn")

@@ -147,9 +147,9 @@ def test_dequantize_can_overflow_fp32_near_its_top():
 @pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=str)
 @pytest.mark.parametrize("rule", ["rceil", "floor"])
 def test_scale_bits_for_every_fp32_exponent(fmt, rule):
-    """The bit trick of kernels.e8m0_bits against the reference, for every fp32 exponent
+    """The bit trick of backends.eager.e8m0_bits against the reference, for every fp32 exponent
     field and the mantissas around 1.75 (plus a random sample)."""
-    from mxfp8.numerics.kernels import e8m0_bits
+    from mxfp8.numerics.backends.eager import e8m0_bits
 
     mantissas = torch.tensor([0, 1, 0x400000, 0x5FFFFF, 0x600000, 0x600001, 0x7FFFFE, 0x7FFFFF])
     mantissas = torch.cat([mantissas, torch.randint(0, 1 << 23, (24,))])

@@ -15,7 +15,7 @@ import torch
 
 from mxfp8 import E4M3, E5M2
 from mxfp8.numerics.backends import Kernel, resolve, triton_available
-from mxfp8.numerics.quantize import dequantize, quantize
+from mxfp8.numerics.quantize import dequantize, fake_quantize, quantize
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 
@@ -53,7 +53,7 @@ def _same(t, ref) -> None:
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_both_copies_equal_the_reference_on_special_blocks(fmt, rule, dtype):
-    from mxfp8.numerics import triton_mx
+    from mxfp8.numerics.backends import triton_mx
 
     for shape in ((64, 96), (40, 70)):  # (40, 70): partial blocks along both dims
         x = _special(dtype, *shape) if shape == (64, 96) else _special(dtype)[:40, :70]
@@ -78,6 +78,34 @@ def test_quantize_with_kernel_triton_gives_the_same_mxtensor(dim):
     assert torch.equal(back.nan_to_num(0.0), t.dequantize(torch.bfloat16).nan_to_num(0.0))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fake_quantize_and_two_copy_entries_with_kernel_triton(dtype):
+    """The entries the layers call, with ``kernel="triton"``: the same values as the eager
+    path, including NaN blocks and (for the stored column copy) a partial token block."""
+    from mxfp8.numerics.rowcol import (
+        fake_and_quantize_rowcol,
+        fake_quantize_rowcol,
+        quantize_rowcol,
+    )
+
+    def same_values(a, b):
+        assert a.dtype == b.dtype and torch.equal(a.isnan(), b.isnan())
+        assert torch.equal(a.nan_to_num(0.0).view(torch.uint8), b.nan_to_num(0.0).view(torch.uint8))
+
+    x = _special(dtype)
+    for dim in (0, 1):
+        same_values(fake_quantize(x, dim=dim, kernel="triton"), fake_quantize(x, dim=dim))
+    rows, cols = fake_quantize_rowcol(x, out_dtype=torch.bfloat16, kernel="triton")
+    same_values(rows, fake_quantize(x, dim=1).to(torch.bfloat16))
+    same_values(cols, fake_quantize(x, dim=0).to(torch.bfloat16))
+    ragged = x[:40]  # 40 tokens: the stored wgrad copy zero-pads its last block
+    row, col = fake_and_quantize_rowcol(ragged, kernel="triton")
+    same_values(row, fake_quantize(ragged, dim=1))
+    _same(col, quantize(ragged, dim=0, pad=True))
+    for t, dim in zip(quantize_rowcol(ragged, kernel="triton"), (1, 0), strict=True):
+        _same(t, quantize(ragged, dim=dim, pad=True))
+
+
 def test_kernel_names_and_errors():
     cpu = torch.device("cpu")
     assert resolve(None, False, cpu) is Kernel.EAGER
@@ -98,7 +126,7 @@ def test_kernel_names_and_errors():
 def test_every_bf16_pattern_in_every_layout(fmt, rule):
     from test_bf16_sweep import LAYOUTS
 
-    from mxfp8.numerics import triton_mx
+    from mxfp8.numerics.backends import triton_mx
 
     for name, blocks in LAYOUTS.items():  # (2048, 32): each row one block of 32 patterns
         for dim, x in ((1, blocks), (0, blocks.t().contiguous())):

@@ -26,7 +26,7 @@ def _operand(rows: int, k: int, fmt: str, seed: int):
 ])  # fmt: skip
 def test_mx_gemm_is_within_the_fp32_bound_of_the_exact_product(fmts, shape):
     from mxfp8.layers.gemm import EmulatedBackend
-    from mxfp8.numerics.triton_mm import mx_mm_nt
+    from mxfp8.numerics.backends.triton_mm import mx_mm_nt
 
     m, n, k = shape
     a, b = _operand(m, k, fmts[0], 1), _operand(n, k, fmts[1], 2)
@@ -44,7 +44,7 @@ def test_mx_gemm_is_within_the_fp32_bound_of_the_exact_product(fmts, shape):
 
 
 def test_a_nan_block_makes_its_rows_nan_and_shapes_are_checked():
-    from mxfp8.numerics.triton_mm import mx_mm_nt
+    from mxfp8.numerics.backends.triton_mm import mx_mm_nt
 
     x = torch.randn(32, 64)
     x[3, 40] = float("nan")

@@ -74,6 +74,7 @@ def test_overrides_on_top_of_a_file_and_preset_reset(tmp_path):
         ({"run.compile": "maybe"}, "invalid value 'maybe' for run.compile (expected bool)"),
         ({"schedule.kind": "linear"}, "{warmup-cosine|constant|wsd}"),
         ({"run.steps": "0"}, "run.steps must be >= 1"),
+        ({"run.quantize_kernel": "fast"}, "run.quantize_kernel (expected {auto|eager|inductor"),
         ({"recipe.scale_rule": "up"}, "{rceil|floor}"),
         ({"recipe.name": "fp4"}, "unknown recipe 'fp4'"),
         ({"recipe.blocksize": "16"}, "recipe.blocksize (did you mean recipe.block_size?)"),
@@ -125,3 +126,14 @@ def test_divergence_thresholds_are_a_config_section(tmp_path):
     assert load_config(path) == cfg
     path.write_text("[run]\nsteps = 3\n")  # a config written before the section existed
     assert load_config(path).divergence == TrainConfig().divergence
+
+
+def test_quantize_kernel_is_checked_against_the_device_before_the_model_is_built():
+    import torch
+
+    from mxfp8.train.session import _quantize_kernel
+
+    assert _quantize_kernel("auto", torch.device("cpu")) is None
+    assert _quantize_kernel("inductor", torch.device("cpu")) == "inductor"
+    with pytest.raises(ConfigError, match="run.quantize_kernel = cpu: kernel 'cpu' runs on CPU"):
+        _quantize_kernel("cpu", torch.device("cuda"))

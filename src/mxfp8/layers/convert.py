@@ -110,13 +110,20 @@ def _decide(name: str, mod: nn.Linear, recipe: Recipe) -> tuple[bool, str]:
     return True, f"matches convert pattern {hit!r}"
 
 
-def convert_model(model: nn.Module, recipe: Recipe, *, compile_quantize: bool = False) -> nn.Module:
+def convert_model(
+    model: nn.Module,
+    recipe: Recipe,
+    *,
+    compile_quantize: bool = False,
+    quantize_kernel: str | None = None,
+) -> nn.Module:
     """Swap eligible ``nn.Linear`` modules for ``MXLinear`` in place; returns ``model``.
 
     Parameters are shared, not copied (optimizer state built before or after stays valid).
     Already-converted ``MXLinear`` modules are re-targeted to ``recipe`` only if eligible.
     The report is at ``model.mxfp8_report``. ``compile_quantize`` runs the MX fake-quantize
-    through torch.compile (fast on CPU once compiled; see MXLinear).
+    through torch.compile (fast on CPU once compiled; see MXLinear); ``quantize_kernel``
+    names the kernel instead (:mod:`mxfp8.numerics.backends`; None: by device).
     """
     mx = recipe.scaling is ScalingKind.MX
     report = ConversionReport(
@@ -140,7 +147,8 @@ def convert_model(model: nn.Module, recipe: Recipe, *, compile_quantize: bool = 
             new.weight, new.bias = mod.weight, mod.bias
             new.train(mod.training)
         elif convert:
-            new = MXLinear.from_linear(mod, recipe, name=name, compile_quantize=compile_quantize)
+            new = MXLinear.from_linear(mod, recipe, name=name, compile_quantize=compile_quantize,
+                                       quantize_kernel=quantize_kernel)  # fmt: skip
         else:
             continue
         _set_submodule(model, name, new)

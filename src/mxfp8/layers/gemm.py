@@ -32,6 +32,8 @@ from mxfp8.layers.scale_layout import (  # noqa: F401 - re-exported: part of thi
     from_blocked_scales,
     to_blocked_scales,
 )
+from mxfp8.numerics.backends import Kernel
+from mxfp8.numerics.backends import parse as parse_kernel
 from mxfp8.numerics.tensor import MXTensor
 
 log = logging.getLogger(__name__)
@@ -94,8 +96,19 @@ class EmulatedBackend:
 
     name = "emulated"
 
-    def __init__(self, compiled: bool = False) -> None:
-        self.compiled = compiled  # compiled fake_quantize: ~4x faster eager, first call compiles
+    def __init__(self, compiled: bool = False, kernel: Kernel | str | None = None) -> None:
+        # the quantization kernel (mxfp8.numerics.backends): None lets ``compiled`` decide,
+        # per tensor device: eager; or compiled, the two-pass CPU kernel on CPU and Inductor
+        # elsewhere (the documented default on CUDA until a GPU run measures Triton against it)
+        self.kernel = None if kernel is None else parse_kernel(kernel)
+        self.compiled = compiled or self.kernel not in (None, Kernel.EAGER, Kernel.REFERENCE)
+
+    def _kw(self) -> dict[str, Any]:
+        """How the numerics calls run: inside a caller's torch.compile, the branch-free math
+        that compiler traces and fuses; else this backend's kernel."""
+        if torch.compiler.is_compiling():
+            return {"compiled": True}
+        return {"compiled": self.compiled, "kernel": self.kernel}
 
     def quantize_mx(
         self,
@@ -121,18 +134,15 @@ class EmulatedBackend:
         src, dim, transposed = _source(hp)
         if want_q:  # telemetry wants the MXTensor itself; bit-equal to the fake path
             q = quantize(src, spec.fmt, dim=dim, **_quantize_kwargs(spec))
-            deq = q.dequantize(dt)
+            deq = q.dequantize(dt)  # the eager path: bit-equal to every kernel (tested)
         else:
             q = None
             kw = _quantize_kwargs(spec)
-            # inside an outer torch.compile, take the branch-free (fused) kernels: the eager
-            # ones have data-dependent branches that would break the graph
-            compiled = self.compiled or torch.compiler.is_compiling()
             if out is not None and (
                 out.shape != src.shape or out.dtype != src.dtype or dt != src.dtype
             ):
                 out = None
-            deq = fake_quantize(src, spec.fmt, dim=dim, compiled=compiled, out=out, **kw)
+            deq = fake_quantize(src, spec.fmt, dim=dim, out=out, **kw, **self._kw())
             if deq.dtype != dt:
                 deq = deq.to(dt)  # exact: MX values fit in bf16 and fp32
         return (deq.t() if transposed else deq), q
@@ -172,15 +182,13 @@ class EmulatedBackend:
             spec_row.fmt,
             block_size=bs,
             scale_rule=spec_row.scale_rule,
-            compiled=True,
             out_dtype=dt,
             out=tuple(torch.empty_like(hp, dtype=dt) if b is None else b for b in bufs),
+            **self._kw(),
         )
         return row, col.t()
 
     # --- operands kept beyond the call: stored as MX, dequantized when used -------------
-    def _fast_kernels(self) -> bool:
-        return self.compiled and not torch.compiler.is_compiling()
 
     def store_mx(
         self, hp: torch.Tensor, spec: MXSpec, *, want_q: bool = False
@@ -190,8 +198,7 @@ class EmulatedBackend:
         from mxfp8.numerics.quantize import quantize
 
         src, dim, transposed = _source(hp)
-        compiled = self.compiled or torch.compiler.is_compiling()
-        q = quantize(src, spec.fmt, dim=dim, compiled=compiled, **_quantize_kwargs(spec))
+        q = quantize(src, spec.fmt, dim=dim, **_quantize_kwargs(spec), **self._kw())
         return StoredMX(q, transposed), q
 
     def load_mx(self, stored: StoredMX, out_dtype: torch.dtype) -> torch.Tensor:
@@ -199,7 +206,7 @@ class EmulatedBackend:
         dtype), transposed back when the copy was column-wise. One pass over the codes."""
         from mxfp8.numerics.quantize import dequantize
 
-        deq = dequantize(stored.q, _emulated_dtype(out_dtype), compiled=self._fast_kernels())
+        deq = dequantize(stored.q, _emulated_dtype(out_dtype), **self._kw())
         return deq.t() if stored.transposed else deq
 
     def store_pair(
@@ -212,7 +219,7 @@ class EmulatedBackend:
         if not self._pair_applies(hp, spec_row, spec_col):
             return None
         row, col = quantize_rowcol(hp, spec_row.fmt, block_size=spec_row.block_size,
-                                   scale_rule=spec_row.scale_rule, compiled=True)  # fmt: skip
+                                   scale_rule=spec_row.scale_rule, **self._kw())  # fmt: skip
         return StoredMX(row, False), StoredMX(col, True)
 
     def quantize_and_store(
@@ -235,10 +242,9 @@ class EmulatedBackend:
         dt = _emulated_dtype(out_dtype)
         if out_row is not None and (out_row.shape != x.shape or out_row.dtype != dt):
             out_row = None
-        compiled = self.compiled or torch.compiler.is_compiling()
         row, col = fake_and_quantize_rowcol(x, spec_row.fmt, block_size=spec_row.block_size,
-                                            scale_rule=spec_row.scale_rule, compiled=compiled,
-                                            out_dtype=dt, out_row=out_row)  # fmt: skip
+                                            scale_rule=spec_row.scale_rule, out_dtype=dt,
+                                            out_row=out_row, **self._kw())  # fmt: skip
         return row, StoredMX(col, True)
 
     @staticmethod
@@ -253,15 +259,20 @@ class EmulatedBackend:
         return StoredMX(MXTensor(tensors[0], tensors[1], fmt, block_size, dim, rule), transposed)
 
     def _pair_applies(self, hp: torch.Tensor, spec_row: MXSpec, spec_col: MXSpec) -> bool:
+        """Whether one shared kernel makes both copies of ``hp``: the two-pass CPU kernel
+        (compiled quantizers, CPU tensors) or Triton (when chosen); not inside a caller's
+        torch.compile, which fuses the separate calls itself."""
+        if torch.compiler.is_compiling() or not self.compiled:
+            return False
+        on_cpu = hp.device.type == "cpu" and self.kernel in (None, Kernel.CPU)
         bs = spec_row.block_size
         return (
-            self._fast_kernels()
+            (on_cpu or self.kernel is Kernel.TRITON)
             and spec_row == spec_col
             and hp.dim() == 2
             and hp.is_contiguous()
             and hp.shape[0] % bs == 0
             and hp.shape[1] % bs == 0
-            and hp.device.type == "cpu"
         )
 
     def mm_nt(self, a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -364,9 +375,13 @@ class ScaledMMBackend:
 
 
 def select_backend(
-    backend: Backend | str, device: torch.device, compiled: bool = False
+    backend: Backend | str,
+    device: torch.device,
+    compiled: bool = False,
+    kernel: Kernel | str | None = None,
 ) -> EmulatedBackend | ScaledMMBackend:
-    """The backend object for a recipe's ``backend`` field on ``device``.
+    """The backend object for a recipe's ``backend`` field on ``device``; ``compiled`` and
+    ``kernel`` choose the emulated backend's quantization kernel (see EmulatedBackend).
 
     ``auto`` picks ``scaled_mm`` on SM100+ GPUs and ``emulated`` everywhere else; an explicit
     ``scaled_mm`` off SM100 raises :class:`BackendUnavailableError`.
@@ -379,4 +394,4 @@ def select_backend(
     if backend is Backend.AUTO and _is_sm100_plus(device):
         log.info("GEMM backend auto on %s (SM100+): scaled_mm", device)
         return ScaledMMBackend()
-    return EmulatedBackend(compiled=compiled)
+    return EmulatedBackend(compiled=compiled, kernel=kernel)

@@ -66,6 +66,7 @@ from mxfp8.layers.recipe import GEMM_OPERANDS, Recipe, ScalingKind, recipe
 from mxfp8.layers.recompute import is_recomputing
 from mxfp8.layers.scratch import SHARED
 from mxfp8.layers.tensorwise_function import DelayedState, TensorwiseLinearFunction
+from mxfp8.numerics.backends import parse as parse_kernel
 
 Observer = Any  # Callable[[MXLinear, str, str, Tensor, MXTensor | TensorwiseFP8], None]
 
@@ -92,6 +93,7 @@ class MXLinear(nn.Linear):
         recipe: Recipe | None = None,
         name: str = "",
         compile_quantize: bool = False,
+        quantize_kernel: str | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.recipe = recipe if recipe is not None else _default_recipe()
@@ -101,6 +103,9 @@ class MXLinear(nn.Linear):
         # run fake_quantize through torch.compile: much faster on CPU, but the first call per
         # shape compiles (seconds), so tests keep it off and training/benchmarks turn it on
         self.compile_quantize = compile_quantize
+        # which quantization kernel (mxfp8.numerics.backends); None: compile_quantize decides
+        # (the two-pass CPU kernel on CPU, Inductor on CUDA); "triton" must be asked for
+        self.quantize_kernel = None if quantize_kernel is None else parse_kernel(quantize_kernel)
         self.weight_quantizations = 0
         # operands that die within a call go to the process-wide scratch pool on CPU, and
         # layers reading the same x share its copies (mxfp8.layers.scratch); False: neither
@@ -116,7 +121,12 @@ class MXLinear(nn.Linear):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, recipe: Recipe, name: str = "", compile_quantize: bool = False
+        cls,
+        linear: nn.Linear,
+        recipe: Recipe,
+        name: str = "",
+        compile_quantize: bool = False,
+        quantize_kernel: str | None = None,
     ) -> MXLinear:
         """An MXLinear sharing ``linear``'s parameter objects (no copy)."""
         new = cls(
@@ -127,6 +137,7 @@ class MXLinear(nn.Linear):
             recipe=recipe,
             name=name,
             compile_quantize=compile_quantize,
+            quantize_kernel=quantize_kernel,
         )
         new.weight = linear.weight
         new.bias = linear.bias
@@ -224,7 +235,7 @@ class MXLinear(nn.Linear):
             return TensorwiseLinearFunction.apply(x2d, self.weight, dt, self, recording)
 
     def _plan(self, device: torch.device, dt: torch.dtype) -> MXPlan:
-        key = (device, dt, self.compile_quantize)
+        key = (device, dt, self.compile_quantize, self.quantize_kernel)
         plan = self._plans.get(key)
         if plan is None:
             r = self.recipe
@@ -233,7 +244,8 @@ class MXLinear(nn.Linear):
                 for g, ops in GEMM_OPERANDS.items()
                 for o in ops
             }
-            backend = select_backend(r.backend, device, compiled=self.compile_quantize)
+            backend = select_backend(r.backend, device, compiled=self.compile_quantize,
+                                     kernel=self.quantize_kernel)  # fmt: skip
             plan = self._plans[key] = MXPlan(specs, backend, dt, r.saved_input)
         return plan
 

@@ -23,7 +23,7 @@ BLOCK = 32
 def _dequantize(data: torch.Tensor, scale_rows: torch.Tensor) -> torch.Tensor:
     """FP8 [rows, K] times its [rows, K/32] E8M0 scales, in fp32 (NaN for scale 255)."""
     bits = scale_rows.view(torch.uint8).to(torch.int32)
-    scale = torch.where(bits == 255, torch.nan, torch.ldexp(torch.ones(()), bits - 127))
+    scale = torch.where(bits == 255, torch.nan, torch.ldexp(torch.ones(bits.shape), bits - 127))
     return data.float() * scale.repeat_interleave(BLOCK, dim=1)
 
 

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from mxfp8.numerics import kernels
+from mxfp8.numerics.backends import eager
 from mxfp8.numerics.formats import E8M0_NAN, ElemFormat, ScaleRule, as_format
 from mxfp8.numerics.quantize import quantize
 from mxfp8.numerics.tensor import MXTensor
@@ -194,7 +194,7 @@ class QuantStats:
 
 def expand_scale(t: MXTensor) -> torch.Tensor:
     """Each element's block scale as fp32, in the data's shape (NaN for NaN blocks)."""
-    scale = kernels.scale_bits_to_float(t.scale.view(torch.uint8))
+    scale = eager.scale_bits_to_float(t.scale.view(torch.uint8))
     full = scale.repeat_interleave(t.block_size, dim=t.dim)
     return full.narrow(t.dim, 0, t.data.shape[t.dim])
 

@@ -1,4 +1,9 @@
-"""Fast MX quantization: ``quantize``, ``dequantize`` and ``fake_quantize``.
+"""The MX quantization entry: ``quantize``, ``dequantize`` and ``fake_quantize``.
+
+Each call validates its arguments, lays ``x`` out as blocks and hands them to one kernel of
+:mod:`mxfp8.numerics.backends` (the table of which kernel runs where is there):
+``reference`` (the oracle), ``eager``, ``inductor``, ``cpu`` or ``triton``. Two copies of one
+2-D tensor at once (what the linear layers need) go through :mod:`mxfp8.numerics.rowcol`.
 
 Semantics (identical, bit for bit, to the spec-simple oracle in ``reference.py``):
 
@@ -19,15 +24,11 @@ large allocations are page-fault bound on CPU (docs/performance.md).
 
 from __future__ import annotations
 
-import functools
-import types
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 
-from mxfp8.numerics import backends, kernels, two_pass
-from mxfp8.numerics.backends import Kernel
+from mxfp8.numerics import backends
+from mxfp8.numerics.backends import Kernel, cpu, eager, inductor
 from mxfp8.numerics.formats import E4M3, ElemFormat, ScaleRule, as_format, check_float_input
 from mxfp8.numerics.tensor import MXTensor
 
@@ -74,44 +75,9 @@ def _unpad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     return t if t.shape[dim] == size else t.narrow(dim, 0, size).contiguous()
 
 
-@functools.cache
-def _compiled(fn: Callable, fmt: ElemFormat, rule: ScaleRule, dtype: torch.dtype) -> Callable:
-    """A torch.compile'd copy of ``fn`` for one (format, rule, input dtype).
-
-    Dynamo's recompile limit (8 by default) counts the graphs of one code object. Giving
-    each configuration its own copy of the code keeps a run that mixes formats, rules, dtypes
-    and layer shapes from silently falling back to eager. ``dynamic=None``: the first
-    shape compiles static, a second shape recompiles with dynamic sizes. A graph is also
-    specialized on the input's strides (a transposed view, blocks along dim 0) and on sizes
-    of 1, so one long-lived process that quantizes many layer shapes (a test suite, a
-    notebook, ``compare`` over several models) meets more than 8; since ``fullgraph=True``
-    makes hitting the limit an error, the limit is raised to :data:`RECOMPILE_LIMIT`
-    (never lowered) when the first compiled copy is made.
-    """
-    cfg = torch._dynamo.config
-    cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
-    code = fn.__code__.replace()  # a distinct code object, hence a distinct dynamo cache
-    clone = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__)
-    return torch.compile(clone, fullgraph=True, dynamic=None)
-
-
-RECOMPILE_LIMIT = 64
-"""Graphs per compiled quantizer copy before dynamo gives up (see :func:`_compiled`)."""
-
-
-def _quantize_other(x, fmt: ElemFormat, block_size: int, dim: int, rule: ScaleRule,
-                    which: Kernel) -> MXTensor:  # fmt: skip
-    """The Triton and reference kernels (partial last blocks zero-padded, as ``pad=True``)."""
-    if which is Kernel.TRITON:
-        from mxfp8.numerics import triton_mx
-
-        if x.dim() != 2:
-            raise ValueError(f"kernel 'triton' quantizes 2-D tensors, got shape {tuple(x.shape)}")
-        row, col = triton_mx.quantize_rowcol(x, fmt, rule, block_size=block_size, row=dim == 1,
-                                             col=dim == 0)  # fmt: skip
-        codes, bits = row if dim == 1 else col
-        return MXTensor(codes.view(fmt.torch_dtype), bits.view(torch.float8_e8m0fnu), fmt,
-                        block_size, dim, rule)  # fmt: skip
+def _reference(x: torch.Tensor, fmt: ElemFormat, block_size: int, dim: int,
+               rule: ScaleRule) -> MXTensor:  # fmt: skip
+    """The oracle (:mod:`mxfp8.numerics.reference`) as an MXTensor, partial blocks padded."""
     from mxfp8.numerics.reference import ref_quantize
 
     size = x.shape[dim]
@@ -123,18 +89,19 @@ def _quantize_other(x, fmt: ElemFormat, block_size: int, dim: int, rule: ScaleRu
     return MXTensor(data.to(x.device), scale.to(x.device), fmt, block_size, dim, rule)
 
 
-def _kernel(fn: Callable, compiled: bool, fmt, rule, dtype) -> Callable:
-    if torch.compiler.is_compiling():  # inside a caller's torch.compile: it traces the
-        return functools.partial(fn, fused=True)  # branch-free kernel and fuses it itself
-    if compiled:
-        return functools.partial(_compiled(fn, fmt, rule, dtype), fused=True)
-    return fn
+def _triton(x: torch.Tensor, fmt: ElemFormat, block_size: int, dim: int,
+            rule: ScaleRule) -> MXTensor:  # fmt: skip
+    from mxfp8.numerics.backends import triton_mx
+
+    if x.dim() != 2:
+        raise ValueError(f"kernel 'triton' quantizes 2-D tensors, got shape {tuple(x.shape)}")
+    return triton_mx.quantize(x, fmt, rule, block_size=block_size, dim=dim)
 
 
-def _two_pass(compiled: bool, x: torch.Tensor) -> bool:
-    """Whether ``compiled=True`` takes the two-pass CPU kernels of :mod:`two_pass` (faster
-    there); inside a caller's torch.compile the single fused kernel is traced instead."""
-    return compiled and x.device.type == "cpu" and not torch.compiler.is_compiling()
+def _cpu_kernel(which: Kernel) -> bool:
+    """Whether the two-pass CPU kernel runs; inside a caller's torch.compile the branch-free
+    eager math is traced instead (the caller's compiler fuses it)."""
+    return which is Kernel.CPU and not torch.compiler.is_compiling()
 
 
 def _check_out(out: torch.Tensor, shape, dtype: torch.dtype, what: str) -> None:
@@ -182,15 +149,14 @@ def quantize(
                 f"size {size} along dim {dim} is not a multiple of block_size {block_size} "
                 "(pass pad=True to zero-pad the last block)"
             )
-        t = _quantize_other(x, fmt, block_size, dim, rule, which)
+        run = _triton if which is Kernel.TRITON else _reference
+        t = run(x, fmt, block_size, dim, rule)
         if out is not None:
             _check_out(out.data, x.shape, fmt.torch_dtype, "out.data")
             _check_out(out.scale, t.scale.shape, torch.float8_e8m0fnu, "out.scale")
             t = MXTensor(out.data.copy_(t.data), out.scale.copy_(t.scale), fmt, block_size,
                          dim, rule)  # fmt: skip
         return t
-    compiled = which in (Kernel.INDUCTOR, Kernel.CPU)
-    two = which is Kernel.CPU
     if x.numel() == 0:
         scale_shape = list(x.shape)
         scale_shape[dim] = -(-size // block_size)
@@ -198,13 +164,11 @@ def quantize(
         scale = torch.empty(scale_shape, dtype=torch.float8_e8m0fnu, device=x.device)
         return MXTensor(data, scale, fmt, block_size, dim, rule)
     xb, scale_shape, padded_shape = _blocked(x, block_size, dim, pad)
-    fn = _kernel(kernels.quantize_blocks, compiled, fmt, rule, x.dtype)
-    consts = (fmt, rule)
     direct = out is not None and padded_shape == x.shape  # write straight into out
     if out is not None:
         _check_out(out.data, x.shape, fmt.torch_dtype, "out.data")
         _check_out(out.scale, torch.Size(scale_shape), torch.float8_e8m0fnu, "out.scale")
-    if two and _two_pass(compiled, x):
+    if _cpu_kernel(which):
         scale_view = (xb.shape[0], 1, xb.shape[2])  # one scale per (outer, inner) block
         if direct:
             codes = out.data.view(torch.uint8).view(xb.shape)
@@ -212,14 +176,16 @@ def quantize(
         else:
             codes = torch.empty(xb.shape, dtype=torch.uint8, device=x.device)
             bits = torch.empty(scale_view, dtype=torch.uint8, device=x.device)
-        inv = _compiled(two_pass.quant_scales, *consts, x.dtype)(xb, *consts, bits)
-        _compiled(two_pass.quant_apply, *consts, x.dtype)(xb, inv, bits, *consts, codes)
+        cpu.quantize(xb, fmt, rule, codes, bits)
         q = codes.view(fmt.torch_dtype)
-    elif direct:
-        bufs = (out.data.view(xb.shape), out.scale.view(torch.uint8).view(xb.shape[0], 1, -1))
-        q, bits = fn(xb, *consts, out=bufs)
     else:
-        q, bits = fn(xb, *consts)
+        fn = inductor.block_kernel(eager.quantize_blocks, which is not Kernel.EAGER, fmt, rule,
+                                   x.dtype)  # fmt: skip
+        if direct:
+            bufs = (out.data.view(xb.shape), out.scale.view(torch.uint8).view(xb.shape[0], 1, -1))
+            q, bits = fn(xb, fmt, rule, out=bufs)
+        else:
+            q, bits = fn(xb, fmt, rule)
     data = _unpad(q.reshape(padded_shape), dim, size)
     scale = bits.reshape(scale_shape).view(torch.float8_e8m0fnu)
     if out is not None and not direct:
@@ -242,7 +208,7 @@ def dequantize(
     """
     which = backends.resolve(kernel, compiled, t.data.device)
     if which is Kernel.TRITON and t.data.dim() == 2 and t.data.numel():
-        from mxfp8.numerics import triton_mx
+        from mxfp8.numerics.backends import triton_mx
 
         codes, bits = t.data.view(torch.uint8), t.scale.view(torch.uint8)
         return triton_mx.dequantize(codes, bits, t.fmt, t.dim, dtype)
@@ -257,12 +223,8 @@ def dequantize(
     # per stride pattern of the views the layers hand over
     qb = t.data.reshape(outer, t.block_size, inner).contiguous()
     bits = t.scale.view(torch.uint8).reshape(outer, 1, inner).contiguous()
-    fn = _compiled(_dequantize_kernel, t.fmt, t.scale_rule, dtype)
+    fn = inductor.compiled(eager.dequantize_blocks, t.fmt, t.scale_rule, dtype)
     return fn(qb, bits, dtype).reshape(shape)
-
-
-def _dequantize_kernel(qb: torch.Tensor, bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return kernels.dequantize_blocks(qb, bits, dtype)
 
 
 def fake_quantize(
@@ -275,6 +237,7 @@ def fake_quantize(
     pad: bool = False,
     compiled: bool = False,
     out: torch.Tensor | None = None,
+    kernel: str | None = None,
 ) -> torch.Tensor:
     """x rounded onto the MX grid, in x's dtype and shape.
 
@@ -286,6 +249,8 @@ def fake_quantize(
     ``compiled=True`` uses the torch.compile'd kernel (one fused pass, bit-identical).
     ``out``: a contiguous buffer of x's shape and dtype to write into (and return); reuse
     one across calls in hot loops, since fresh large allocations are slow on CPU.
+    ``kernel``: as for :func:`quantize`; ``triton`` and ``reference`` quantize, then
+    dequantize (the same values).
     """
     dim = _check_args(x, block_size, dim)
     fmt = as_format(fmt)
@@ -294,23 +259,28 @@ def fake_quantize(
         _check_out(out, x.shape, x.dtype, "out")
     if x.numel() == 0:
         return out if out is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    which = backends.resolve(kernel, compiled, x.device)
+    if which in (Kernel.TRITON, Kernel.REFERENCE):
+        t = quantize(x, fmt, block_size=block_size, dim=dim, scale_rule=rule, pad=pad,
+                     kernel=which)  # fmt: skip
+        result = dequantize(t, x.dtype, kernel=which if which is Kernel.TRITON else None)
+        return result if out is None else out.copy_(result)
     size = x.shape[dim]
     xb, _, padded_shape = _blocked(x, block_size, dim, pad)
-    fn = _kernel(kernels.fake_quantize_blocks, compiled, fmt, rule, x.dtype)
-    consts = (fmt, rule)
-    if _two_pass(compiled, x):
-        direct = out is not None and padded_shape == x.shape
+    direct = out is not None and padded_shape == x.shape
+    if _cpu_kernel(which):
         buf = (
             out.view(xb.shape) if direct else torch.empty(xb.shape, dtype=x.dtype, device=x.device)
         )
-        inv, scale = _compiled(two_pass.fake_scales, *consts, x.dtype)(xb, *consts)
-        _compiled(two_pass.fake_apply, *consts, x.dtype)(xb, inv, scale, *consts, buf)
+        cpu.fake_quantize(xb, fmt, rule, buf)
         if direct:
             return out
         result = _unpad(buf.reshape(padded_shape), dim, size)
         return result if out is None else out.copy_(result)
-    if out is not None and padded_shape == x.shape:
-        fn(xb, *consts, out=out.view(xb.shape))
+    fn = inductor.block_kernel(eager.fake_quantize_blocks, which is not Kernel.EAGER, fmt, rule,
+                             x.dtype)  # fmt: skip
+    if direct:
+        fn(xb, fmt, rule, out=out.view(xb.shape))
         return out
-    result = _unpad(fn(xb, *consts).reshape(padded_shape), dim, size)
+    result = _unpad(fn(xb, fmt, rule).reshape(padded_shape), dim, size)
     return result if out is None else out.copy_(result)

@@ -1,6 +1,6 @@
 """The oracle: MX quantization written straight from the spec, in numpy float64 and integers.
 
-Deliberately independent of the fast path in ``kernels.py``: no torch arithmetic, no fp32
+Deliberately independent of the fast path in ``backends/eager.py``: no torch arithmetic, no fp32
 bit tricks, no FP8 casts. Every step is exact in float64 (fp32 inputs, powers of two and
 FP8 values all fit with room to spare), so the only roundings are the ones the spec asks for:
 ``np.rint`` (round half to even) onto the element grid, then saturation.

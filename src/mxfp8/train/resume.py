@@ -41,6 +41,7 @@ RESUMABLE_FIELDS = frozenset(
         "run.device",  # results stay exact on one machine; a move is the user's choice
         "run.compile",
         "run.compile_quantize",  # the compiled quantizers are bit-exact with the eager ones
+        "run.quantize_kernel",  # every kernel gives the same bits (tested)
         "run.activation_checkpointing",  # recomputes bit-identical values: memory, time only
         "data.cache_dir",  # where the prepared data lives, not what it is
         "divergence.ema_decay",

@@ -162,6 +162,12 @@ class RunConfig:
     compile_quantize: bool = opt(
         True, "torch.compile only the MX quantizers (fast on CPU; the first step compiles)"
     )
+    quantize_kernel: str = opt(
+        "auto",
+        "the MX quantization kernel: auto (with compile_quantize: the two-pass cpu kernel on "
+        "CPU, inductor on CUDA; without it: eager), eager, inductor, cpu, or triton (needs "
+        "mxfp8[gpu]; not yet measured on a GPU); all give the same bits",
+    )
     activation_checkpointing: ActivationCheckpointing = opt(
         ActivationCheckpointing.NONE,
         "none, or block: keep only each transformer block's input in the forward pass and "
@@ -191,6 +197,12 @@ class RunConfig:
                 f"run.activation_checkpointing (expected {{{valid}}})"
             ) from None
         object.__setattr__(self, "activation_checkpointing", mode)
+        kernels = ("auto", "eager", "inductor", "cpu", "triton")
+        if self.quantize_kernel not in kernels:
+            raise ConfigError(
+                f"invalid value {self.quantize_kernel!r} for run.quantize_kernel "
+                f"(expected {{{'|'.join(kernels)}}})"
+            )
         if self.compile and mode is not ActivationCheckpointing.NONE:
             # under torch.compile the compiler recomputes in its own graph, and the numbers
             # moved (bf16, CPU): this option promises they never do, and it is resumable

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from mxfp8.layers.convert import convert_model, load_scaling_state_dict, scaling_state_dict
+from mxfp8.numerics import backends
 from mxfp8.parallel import (
     LOCAL,
     Comm,
@@ -43,6 +44,18 @@ from mxfp8.train.resume import ResumeError, check_data_identity
 # steps of each process left out of the steady-state throughput: the first compiles the
 # quantizers (tens of seconds on CPU), the second may still meet new shapes
 WARMUP_STEPS = 2
+
+
+def _quantize_kernel(name: str, device: torch.device) -> str | None:
+    """``run.quantize_kernel`` for the layers (None: by device), checked here so that a
+    kernel this process cannot run fails before the model is built, not at the first step."""
+    if name == "auto":
+        return None
+    try:
+        backends.resolve(name, True, device)
+    except ValueError as e:
+        raise ConfigError(f"run.quantize_kernel = {name}: {e}") from None
+    return name
 
 
 def resolve_device(name: str, env: DistEnv | None = None) -> torch.device:
@@ -289,7 +302,9 @@ def build(cfg: TrainConfig, run_dir: Path, say) -> Session:
     random.seed(run.seed)
     model = Transformer(model_cfg).to(device)
     if recipe.quantized:
-        model = convert_model(model, recipe, compile_quantize=run.compile_quantize)
+        kernel = _quantize_kernel(run.quantize_kernel, device)
+        model = convert_model(model, recipe, compile_quantize=run.compile_quantize,
+                              quantize_kernel=kernel)  # fmt: skip
     # on the model that will run, i.e. after the conversion (in place: the blocks the
     # Transformer checkpoints at each forward are the converted ones)
     model.set_activation_checkpointing(run.activation_checkpointing)

@@ -6,7 +6,7 @@ both quantized along K (the reduction) in blocks of 32. The emulated backend wri
 dequantized operands to memory as bf16 and then runs a bf16 matmul; this kernel reads only
 the 8.25-bit operands. Each step of the K loop loads one 32-wide block column of A and B
 (codes and their one scale per row), decodes them with the integer decoder of
-:mod:`~mxfp8.numerics.triton_mx`, multiplies by the scale (a power of two: exact), casts to
+:mod:`~mxfp8.numerics.backends.triton_mx`, multiplies by the scale (a power of two: exact), casts to
 bf16 (exact: an FP8 value times a power of two fits bf16's 8-bit significand, outside bf16's
 subnormal range) and accumulates ``tl.dot`` in fp32.
 
@@ -17,7 +17,7 @@ interpreter). Under the interpreter the MMA is an fp32 ``tl.dot`` (``input_preci
 the interpreter's bf16 casts and bf16 ``tl.dot`` are wrong (a 16 x 16 bf16 dot came out
 off by 1e10), and since the operands are exact in bf16 an exact fp32 dot has the same
 products; on CUDA the operands go to the bf16 tensor cores. Optional, like
-:mod:`~mxfp8.numerics.triton_mx`; not yet run on a GPU, and not yet used by the MX layers.
+:mod:`~mxfp8.numerics.backends.triton_mx`; not yet run on a GPU, and not yet used by the MX layers.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mxfp8.numerics.backends.triton_mx import decode_fp8, e8m0_to_float
 from mxfp8.numerics.formats import ElemFormat
-from mxfp8.numerics.triton_mx import decode_fp8, e8m0_to_float
 
 BLOCK = 32  # the MX block along K: one scale per row per step of the K loop
 

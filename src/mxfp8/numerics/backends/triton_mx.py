@@ -15,7 +15,7 @@ or FMA contraction, and it is the same on the interpreter and on any GPU.
 
 The encoding of one element. Write |x| = M * 2^(E - 23) with the 24-bit significand M
 (the implicit bit included; fp32 subnormals have E = -126 and no implicit bit). The block
-scale is 2^e (:func:`mxfp8.numerics.kernels.e8m0_bits`, the same integer formula), so the
+scale is 2^e (:func:`mxfp8.numerics.backends.eager.e8m0_bits`, the same integer formula), so the
 scaled value is M * 2^(E - e - 23). With E' = E - e, the FP8 code is
 
     k = 23 - man + max(emin - E', 0)            (bits to drop: more below the normal range)
@@ -24,7 +24,7 @@ scaled value is M * 2^(E - e - 23). With E' = E - e, the FP8 code is
 
 then saturated to the largest finite code (what the floor rule's clamp does; rceil never
 needs it), and the sign bit. A block holding Inf/NaN gets scale bits 255 and NaN codes
-(0x7F), as :func:`~mxfp8.numerics.kernels.quantize_blocks` gives.
+(0x7F), as :func:`~mxfp8.numerics.backends.eager.quantize_blocks` gives.
 
 Layouts (the same as :func:`mxfp8.numerics.quantize.quantize`): for x [R, C], the row copy
 (blocks along dim 1) has codes [R, C] and scales [R, ceil(C/32)]; the column copy (blocks
@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from mxfp8.numerics.formats import ElemFormat, ScaleRule
+from mxfp8.numerics.tensor import MXTensor
 
 TILE = 32  # the MX block size this backend supports
 
@@ -220,6 +221,16 @@ def quantize_rowcol(x: torch.Tensor, fmt: ElemFormat, rule: ScaleRule, *, block_
     return ((row_q, row_s) if row else None), ((col_q, col_s) if col else None)
 
 
+def quantize(x: torch.Tensor, fmt: ElemFormat, rule: ScaleRule, *, block_size: int = 32,
+             dim: int = 1) -> MXTensor:  # fmt: skip
+    """The MXTensor of ``mxfp8.quantize(x, fmt, dim=dim, pad=True)`` for 2-D ``x``, blocks
+    along dim 1 (the row copy) or dim 0 (the column copy)."""
+    row, col = quantize_rowcol(x, fmt, rule, block_size=block_size, row=dim == 1, col=dim == 0)
+    codes, bits = row if dim == 1 else col
+    return MXTensor(codes.view(fmt.torch_dtype), bits.view(torch.float8_e8m0fnu), fmt,
+                    block_size, dim, rule)  # fmt: skip
+
+
 def dequantize(codes: torch.Tensor, scale_bits: torch.Tensor, fmt: ElemFormat, dim: int,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
     """Codes [R, C] (uint8) times their E8M0 scales (uint8; blocks along ``dim``) in fp32,
@@ -237,4 +248,4 @@ def dequantize(codes: torch.Tensor, scale_bits: torch.Tensor, fmt: ElemFormat, d
     return out if dtype == torch.float32 else out.to(dtype)
 
 
-__all__ = ["TILE", "dequantize", "quantize_rowcol"]
+__all__ = ["TILE", "dequantize", "quantize", "quantize_rowcol"]
