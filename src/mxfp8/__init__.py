@@ -42,6 +42,8 @@ _EXPORTS: dict[str, str] = {
     "MXLinear": "mxfp8.layers.linear",
     "convert_model": "mxfp8.layers.convert",
     "step_window": "mxfp8.layers.step",
+    # trained models
+    "load_pretrained": "mxfp8.train.pretrained",
 }
 
 __all__ = [  # the names of _EXPORTS, spelled out for tools that read __all__ statically
@@ -59,6 +61,7 @@ __all__ = [  # the names of _EXPORTS, spelled out for tools that read __all__ st
     "dequantize",
     "fake_quantize",
     "list_recipes",
+    "load_pretrained",
     "quantize",
     "quantize_tensorwise",
     "recipe",
@@ -88,3 +91,4 @@ if TYPE_CHECKING:  # static type checkers see the real names
     from mxfp8.numerics.quantize import dequantize, fake_quantize, quantize
     from mxfp8.numerics.tensor import MXTensor
     from mxfp8.numerics.tensorwise import DelayedScaling, TensorwiseFP8, quantize_tensorwise
+    from mxfp8.train.pretrained import load_pretrained

@@ -17,7 +17,7 @@ import json
 import shutil
 from pathlib import Path
 
-from mxfp8.errors import UserError
+from mxfp8.train.checkpoint_load import find_checkpoint
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -36,30 +36,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="the file to write (default: model.safetensors in the checkpoint)",
     )
     return p
-
-
-def find_checkpoint(path: Path, step: int | None) -> Path:
-    """The checkpoint directory meant by ``path`` (and ``--step``), verified."""
-    from mxfp8.train import checkpoint as ckpt
-
-    if (path / ckpt.MANIFEST_FILE).is_file() or (path / ckpt.STATE_FILE).is_file():
-        if step is not None:
-            raise UserError(f"{path} is a checkpoint directory: --step applies to a run directory")
-        ckpt.verify_checkpoint(path)
-        return path
-    if step is not None:
-        found = Path(path) / ckpt.CHECKPOINT_DIR / ckpt.step_dir_name(step)
-        if not found.is_dir():
-            have = [p.name for p in ckpt.list_checkpoints(path)]
-            raise UserError(f"{path} has no checkpoint of step {step} (it has: "
-                            f"{', '.join(have) or 'none'})")  # fmt: skip
-        ckpt.verify_checkpoint(found)
-        return found
-    found, skipped = ckpt.latest_intact_checkpoint(path)
-    if found is None:
-        why = f" ({len(skipped)} damaged)" if skipped else ""
-        raise UserError(f"{path}: no intact checkpoint{why}: not a run directory with checkpoints")
-    return found
 
 
 def consolidate(checkpoint: Path, out: Path | None = None) -> Path:

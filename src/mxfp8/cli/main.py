@@ -45,6 +45,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "mxfp8.cli.consolidate",
         "write the weights of a (sharded) checkpoint as one model.safetensors",
     ),
+    "export": (
+        "mxfp8.cli.export",
+        "write a checkpoint as a Hugging Face Llama directory (bf16/fp32 or MXFP8 weights)",
+    ),
+    "eval": ("mxfp8.cli.eval", "validation loss, perplexity and bits per byte of a model"),
+    "generate": ("mxfp8.cli.generate", "continue a prompt with a trained model"),
     "recipes": ("mxfp8.cli.recipes", "list the named recipes and their settings"),
     "demo": ("mxfp8.cli.demo", "the `make demo` job"),
 }

@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model
 from torch import nn
 
+from mxfp8.errors import UserError
 from mxfp8.train.manifest import (
     DCP_METADATA,
     STATE_FILE,
@@ -143,3 +144,30 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- which checkpoint a command means -------------------------------------------------------
+
+
+def find_checkpoint(path: Path, step: int | None) -> Path:
+    """The checkpoint directory meant by ``path`` (and ``--step``), verified."""
+    from mxfp8.train import checkpoint as ckpt  # it imports this module
+
+    if (path / ckpt.MANIFEST_FILE).is_file() or (path / ckpt.STATE_FILE).is_file():
+        if step is not None:
+            raise UserError(f"{path} is a checkpoint directory: --step applies to a run directory")
+        ckpt.verify_checkpoint(path)
+        return path
+    if step is not None:
+        found = Path(path) / ckpt.CHECKPOINT_DIR / ckpt.step_dir_name(step)
+        if not found.is_dir():
+            have = [p.name for p in ckpt.list_checkpoints(path)]
+            raise UserError(f"{path} has no checkpoint of step {step} (it has: "
+                            f"{', '.join(have) or 'none'})")  # fmt: skip
+        ckpt.verify_checkpoint(found)
+        return found
+    found, skipped = ckpt.latest_intact_checkpoint(path)
+    if found is None:
+        why = f" ({len(skipped)} damaged)" if skipped else ""
+        raise UserError(f"{path}: no intact checkpoint{why}: not a run directory with checkpoints")
+    return found

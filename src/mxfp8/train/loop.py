@@ -185,7 +185,8 @@ def train(cfg: TrainConfig, *, hooks: list[TrainHook] | tuple = ()) -> RunResult
             _restore_summary(run_dir, start.checkpoint)
         raise RunComplete(run_dir, cfg.run.steps)
     # data first: bad input fails before anything is created in the run directory
-    s = session_mod.build(cfg, run_dir, lambda text: _say(cfg, text))
+    s = session_mod.build(cfg, run_dir, lambda text: _say(cfg, text),
+                          fresh=start.checkpoint is None)  # fmt: skip
     cfg, run, comm = s.cfg, s.cfg.run, s.comm
     _prepare_dir(cfg, run_dir, start, comm)
     if start.checkpoint is not None:

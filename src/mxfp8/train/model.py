@@ -45,6 +45,19 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mxfp8.layers.recompute import recomputing
+from mxfp8.train.attention import Attention, KVCache, apply_rope, rope_tables
+
+__all__ = [  # the attention pieces live in train/attention.py; importable from here too
+    "ActivationCheckpointing",
+    "Attention",
+    "KVCache",
+    "MODEL_PRESETS",
+    "ModelConfig",
+    "Transformer",
+    "apply_rope",
+    "model_config",
+    "rope_tables",
+]
 
 
 @dataclass(frozen=True)
@@ -185,52 +198,6 @@ class RMSNorm(nn.Module):
         return xf.type_as(x) * self.weight
 
 
-def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of every (position, frequency) pair, each [max_seq_len, head_dim // 2]."""
-    half = cfg.head_dim // 2
-    inv_freq = cfg.rope_theta ** (-torch.arange(half, device=device, dtype=torch.float64) / half)
-    angles = torch.outer(
-        torch.arange(cfg.max_seq_len, device=device, dtype=torch.float64), inv_freq
-    )
-    return angles.cos().float(), angles.sin().float()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each (x[i], x[i + head_dim/2]) pair by its position's angle (rotate-half form).
-
-    x: [B, H, T, head_dim]; cos, sin: [T, head_dim // 2].
-    """
-    x1, x2 = x.float().chunk(2, dim=-1)
-    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return out.type_as(x)
-
-
-class Attention(nn.Module):
-    """Causal grouped-query self-attention: n_heads query heads share n_kv_heads K/V heads."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        kv_dim = cfg.n_kv_heads * cfg.head_dim
-        self.wq = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.wk = nn.Linear(cfg.d_model, kv_dim, bias=False)
-        self.wv = nn.Linear(cfg.d_model, kv_dim, bias=False)
-        self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        # [B, T, heads * head_dim] -> [B, heads, T, head_dim]
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
-        )
-        y = y.transpose(1, 2).reshape(B, T, C)  # [B, heads, T, head_dim] -> [B, T, C]
-        return self.wo(y)
-
-
 class FeedForward(nn.Module):
     """SwiGLU MLP: w2(silu(w1 x) * w3 x)."""
 
@@ -254,8 +221,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:  # fmt: skip
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, layer)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -342,17 +310,25 @@ class Transformer(nn.Module):
             nn.init.normal_(self.output.weight, std=cfg.init_std)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx, targets: LongTensor [B, T]. Returns (logits [B, T, vocab], loss or None).
 
         The loss is the mean cross-entropy over all positions, computed in fp32 whatever the
-        autocast dtype of the logits.
+        autocast dtype of the logits. ``cache`` (inference): ``idx`` continues the cached
+        positions, whose keys and values are reused (see :class:`KVCache`).
         """
         B, T = idx.shape
-        if T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        start = cache.pos if cache is not None else 0
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence length {start + T} exceeds max_seq_len {self.cfg.max_seq_len}"
+            )
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         x = self.tok_embeddings(idx)
         # eval and no_grad forwards keep nothing for backward: there is nothing to save
         ckpt = (
@@ -360,8 +336,12 @@ class Transformer(nn.Module):
             and self.training
             and torch.is_grad_enabled()
         )
-        for block in self.layers:
-            if not ckpt:
+        if cache is not None and ckpt:
+            raise ValueError("a KV cache is for inference: call model.eval() or use no_grad")
+        for i, block in enumerate(self.layers):
+            if cache is not None:
+                x = block(x, cos, sin, cache, i)
+            elif not ckpt:
                 x = block(x, cos, sin)
             elif torch.compiler.is_compiling():
                 # the compiler recomputes inside its own graph and takes no context managers
@@ -371,6 +351,8 @@ class Transformer(nn.Module):
                 x = checkpoint(
                     block, x, cos, sin, use_reentrant=False, context_fn=_recompute_contexts
                 )
+        if cache is not None:
+            cache.pos = start + T
         logits = self.output(self.norm(x))
         loss = None
         if targets is not None:

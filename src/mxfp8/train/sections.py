@@ -175,6 +175,12 @@ class RunConfig:
         "block for roughly one more forward pass of compute; results are bit-identical "
         "(not available with run.compile)",
     )
+    init_from: str = opt(
+        "",
+        "start from the weights of a Llama directory (an `mxfp8 export`, or transformers' "
+        "save_pretrained): its config.json sets the model shape and its tokenizer.json the "
+        "tokenizer (unless data.tokenizer is set); used at step 0, not on resume",
+    )
     device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     telemetry_every: int = opt(0, "numerics telemetry every N steps (0 = off)")
     max_nonfinite_steps: int = opt(

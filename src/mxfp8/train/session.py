@@ -34,6 +34,7 @@ from mxfp8.parallel import (
 from mxfp8.parallel import dcp as dcp_state
 from mxfp8.parallel.wrap import replicate_model, shard_model
 from mxfp8.train import checkpoint as ckpt
+from mxfp8.train import init_from
 from mxfp8.train.config import LossScaleMode, ModelSection, TrainConfig
 from mxfp8.train.data import PreparedData, eval_batches, prepare_data, require_tokens
 from mxfp8.train.fields import ConfigError
@@ -246,11 +247,14 @@ def _quiet(text: str) -> None:
     del text
 
 
-def build(cfg: TrainConfig, run_dir: Path, say) -> Session:
+def build(cfg: TrainConfig, run_dir: Path, say, *, fresh: bool = True) -> Session:
     """Data, model (converted to the recipe), optimizer, schedule and loss scaler of ``cfg``.
 
-    The session's wall clock starts here, so wall time includes data and model set-up."""
+    The session's wall clock starts here, so wall time includes data and model set-up.
+    ``fresh``: the run starts at step 0 (no checkpoint to load), so ``run.init_from``'s
+    weights are loaded."""
     clock = Clock()
+    cfg, pretrained = init_from.apply(cfg, fresh=fresh, say=say)
     run = cfg.run
     env = DistEnv.from_environ()
     device = resolve_device(run.device, env)
@@ -300,7 +304,10 @@ def build(cfg: TrainConfig, run_dir: Path, say) -> Session:
     recipe = cfg.recipe.build()
     torch.manual_seed(run.seed)
     random.seed(run.seed)
-    model = Transformer(model_cfg).to(device)
+    model = Transformer(model_cfg)
+    if pretrained is not None:
+        init_from.load_weights(model, pretrained)
+    model = model.to(device)
     if recipe.quantized:
         kernel = _quantize_kernel(run.quantize_kernel, device)
         model = convert_model(model, recipe, compile_quantize=run.compile_quantize,

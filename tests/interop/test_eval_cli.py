@@ -1,0 +1,90 @@
+"""``mxfp8 eval``, ``mxfp8 export`` and ``mxfp8 generate`` from the command line, and the
+evaluation's numbers against independent computations."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mxfp8.cli.main import main
+from mxfp8.interop.evaluate import evaluate_lm
+from mxfp8.train import golden
+from mxfp8.train.config import load_config
+from mxfp8.train.data import prepare_data
+from mxfp8.train.loop import train
+from mxfp8.train.model import Transformer, model_config
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, data_cache):
+    out = tmp_path_factory.mktemp("run")
+    over = {**golden.OVERRIDES, "data.cache_dir": str(data_cache), "recipe.name": "bf16",
+            "run.out": str(out), "run.steps": 6}  # fmt: skip
+    train(load_config(None, over))
+    return out
+
+
+def test_uniform_model_scores_ln_vocab_and_the_bytes_of_its_targets(data_cache):
+    cfg = load_config(None, {**golden.OVERRIDES, "data.cache_dir": str(data_cache)})
+    data = prepare_data(cfg.data)
+    model = Transformer(model_config("tiny", d_model=64, n_layers=1, n_heads=2, n_kv_heads=1,
+                                     ffn_hidden=128, vocab_size=data.vocab_size))  # fmt: skip
+    with torch.no_grad():
+        model.output.weight.zero_()  # tied: every logit 0, every prediction uniform
+    seq, n = 32, 10 * 32 + 5  # 10 whole windows fit in the first n + 1 tokens; 5 are left over
+    tokens = np.asarray(data.val[: n + 1])
+    res = evaluate_lm(model, tokens, data.tokenizer, seq_len=seq, batch_size=3)
+    assert res["windows"] == 10 and res["tokens"] == 320
+    assert res["loss"] == pytest.approx(math.log(data.vocab_size), rel=1e-6)
+    assert res["perplexity"] == pytest.approx(data.vocab_size, rel=1e-5)
+    targets = [tokens[i * seq + 1 : (i + 1) * seq + 1].tolist() for i in range(10)]
+    n_bytes = sum(len(data.tokenizer.decode(t).encode()) for t in targets)
+    assert res["bytes"] == n_bytes
+    assert res["bits_per_byte"] == pytest.approx(320 * math.log2(data.vocab_size) / n_bytes)
+
+
+def test_eval_of_a_run_under_its_recipe_and_another(run_dir, capsys):
+    assert main(["eval", str(run_dir), "--max-tokens", "2048"]) == 0
+    assert main(["eval", str(run_dir), "--max-tokens", "2048", "--recipe", "mxfp8"]) == 0
+    out = capsys.readouterr().out
+    assert "under bf16" in out and "under mxfp8" in out
+    evals = json.loads((run_dir / "eval.json").read_text())["evaluations"]
+    bf16, mx = evals[-2], evals[-1]
+    assert bf16["recipe"] == "bf16" and mx["recipe"] == "mxfp8"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert abs(bf16["loss"] - summary["final_val_loss"]) < 0.1  # other windows, same model
+    assert bf16["loss"] != mx["loss"] and abs(bf16["loss"] - mx["loss"]) < 0.05
+    assert 0 < bf16["bits_per_byte"] < 8
+
+
+def test_export_then_eval_and_generate_the_directory(run_dir, tmp_path, capsys):
+    out = tmp_path / "hf"
+    assert main(["export", str(run_dir), "--out", str(out), "--dtype", "fp32"]) == 0
+    assert (out / "config.json").is_file()
+    assert (
+        main(["eval", str(run_dir), "--max-tokens", "1024", "--out", str(tmp_path / "a.json")]) == 0
+    )
+    assert main(["eval", str(out), "--max-tokens", "1024"]) == 0  # the export names its run
+    a = json.loads((tmp_path / "a.json").read_text())["evaluations"][0]
+    b = json.loads((out / "eval.json").read_text())["evaluations"][0]
+    assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)  # same weights, same windows
+    capsys.readouterr()
+    args = ["generate", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "12"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("ROMEO:") and len(text) > len("ROMEO:\n")
+    assert main([args[0], str(run_dir), *args[2:]]) == 0  # the run itself: the same text
+    assert capsys.readouterr().out == text
+
+
+def test_eval_and_export_errors_are_one_line(run_dir, tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "nothing")]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert main(["export", str(run_dir), "--out", str(run_dir)]) == 2
+    assert "not an empty directory" in capsys.readouterr().err
+    assert main(["generate", str(run_dir), "--prompt", "x", "--top-p", "2"]) == 2
+    assert "--top-p must be in (0, 1]" in capsys.readouterr().err
