@@ -143,3 +143,26 @@ def test_sigterm_stops_the_whole_comparison_and_it_resumes(tmp_path, cache, comp
     assert main(_args(out, cache, *recipes)) == 0
     for recipe in ("bf16", "mxfp8-floor"):
         assert _losses(out / recipe) == _losses(comparison / recipe)
+
+
+def test_eval_tasks_are_scored_once_and_shown(comparison, cache, capsys, tmp_path):
+    items = [{"context": "the scale of the", "choices": ["block", "zebra quartz"], "label": 0},
+             {"context": "loss step layer", "choices": ["model", "xylophone"], "label": 0},
+             {"context": "a gradient", "choices": ["weight", "of the"], "label": 1}]  # fmt: skip
+    task = tmp_path / "mini.jsonl"
+    task.write_text("\n".join(json.dumps(i) for i in items) + "\n")
+    args = _args(comparison, cache, "--recipes", "bf16,mxfp8-floor", "--eval-tasks",
+                 f"cloze,{task}")  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr()
+    for recipe in ("bf16", "mxfp8-floor"):
+        evals = json.loads((comparison / recipe / "eval.json").read_text())["evaluations"]
+        assert len(evals) == 1 and evals[0]["recipe"] == recipe
+        scores = evals[0]["tasks"]
+        assert set(scores) == {"cloze", "mini"} and scores["cloze"]["items"] == 200
+        assert scores["mini"]["items"] == 3 and 0 <= scores["mini"]["acc"] <= 1
+        assert f"cloze acc {scores['cloze']['acc']:.3f}" in out.out
+    assert "Evaluations" in (comparison / "report.html").read_text()
+    assert main(args) == 0  # scored already: not again
+    evals = json.loads((comparison / "bf16" / "eval.json").read_text())["evaluations"]
+    assert len(evals) == 1

@@ -9,7 +9,11 @@ Runs go one after the other into ``OUT/<recipe>/`` and the comparison is resumab
 - a run that left files but no checkpoint is started again from scratch;
 - a run directory holding a run of a *different* config is an error, never overwritten.
 
-Then ``OUT/comparison.json`` (the recipe order) and ``OUT/report.html`` are written.
+Then ``OUT/comparison.json`` (the recipe order) and ``OUT/report.html`` are written. With
+``eval_tasks`` (``mxfp8 compare --eval-tasks cloze``), each completed run's final checkpoint is
+first scored on those multiple-choice tasks under its recipe (``RUN/eval.json``; a run already
+scored on them at that checkpoint is not scored again), and the report and the summary table
+show the scores.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mxfp8.report.html import write_report
-from mxfp8.report.loader import COMPARISON_INDEX
+from mxfp8.report.loader import COMPARISON_INDEX, EVAL_FILE
 from mxfp8.train.config import ConfigError, TrainConfig, load_config
 from mxfp8.train.loop import RUN_FILES
 from mxfp8.train.resume import config_changes, describe_changes
@@ -120,8 +124,9 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def compare(base: TrainConfig, recipes: Sequence[str], out: str | Path) -> CompareResult:
-    """Run (or resume, or skip) each recipe, then write ``out/report.html``."""
+def compare(base: TrainConfig, recipes: Sequence[str], out: str | Path,
+            eval_tasks: str = "") -> CompareResult:  # fmt: skip
+    """Run (or resume, or skip) each recipe, score ``eval_tasks``, write ``out/report.html``."""
     from mxfp8.train.loop import RunComplete, train
 
     out = Path(out)
@@ -157,6 +162,13 @@ def compare(base: TrainConfig, recipes: Sequence[str], out: str | Path) -> Compa
         if r.stopped_by:  # SIGTERM / Ctrl-C stops the whole comparison, not just this run
             result.stopped_by, result.exit_code = r.stopped_by, r.exit_code
             break
+    if eval_tasks and not result.stopped_by:
+        for recipe in result.done:
+            try:
+                evaluate_run(out / recipe, eval_tasks)
+            except Exception as exc:  # a failed evaluation must not lose the report
+                traceback.print_exc()
+                result.failed[f"{recipe} (eval)"] = f"{type(exc).__name__}: {exc}"
     report = out / "report.html"
     if len(result.done) == len(plans) and _newer_than_runs(report, out, recipes):
         result.report = report  # every run was skipped: the report is already up to date
@@ -168,9 +180,37 @@ def compare(base: TrainConfig, recipes: Sequence[str], out: str | Path) -> Compa
     return result
 
 
+def evaluate_run(run_dir: Path, specs: str) -> None:
+    """Score a run's final checkpoint on the tasks ``specs`` under its own recipe, into
+    ``run_dir/eval.json``, unless it holds those scores for that checkpoint already."""
+    from mxfp8.interop import tasks as mc
+    from mxfp8.interop.evaluate import append_evaluation
+    from mxfp8.interop.source import open_model
+    from mxfp8.train.data import prepare_data
+
+    loaded = open_model(run_dir)
+    path = run_dir / EVAL_FILE
+    specs_list = [s.strip() for s in specs.split(",") if s.strip()]
+    names = {s if s == mc.CLOZE else Path(s).stem for s in specs_list}
+    known = json.loads(path.read_text()).get("evaluations", []) if path.is_file() else []
+    for e in known:
+        same_model = e.get("source") == loaded.source and e.get("recipe") == loaded.recipe
+        if same_model and names <= set(e.get("tasks") or {}):
+            return
+    cfg = loaded.run_config.data
+    tokens = prepare_data(cfg).val
+    _say(f"evaluating {run_dir.name} on {', '.join(sorted(names))}")
+    scores = {t.name: mc.evaluate_task(loaded.model, loaded.tokenizer, t)
+              for t in mc.resolve(specs, loaded.tokenizer, tokens)}  # fmt: skip
+    append_evaluation(path, {"source": loaded.source, "recipe": loaded.recipe,
+                             "data": f"{cfg.source} (the run's validation split)",
+                             "tasks": scores})  # fmt: skip
+
+
 def _newer_than_runs(report: Path, out: Path, recipes: Sequence[str]) -> bool:
     if not report.is_file():
         return False
     made = report.stat().st_mtime
-    files = [out / r / name for r in recipes for name in (*RUN_FILES, "config.toml")]
+    names = (*RUN_FILES, "config.toml", EVAL_FILE)  # new scores also need a new report
+    files = [out / r / name for r in recipes for name in names]
     return all(f.stat().st_mtime <= made for f in files if f.is_file())

@@ -49,6 +49,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="comma-separated recipes to compare, e.g. bf16,mxfp8,mxfp8-floor,mxfp8-e5m2-grads "
         f"(see `mxfp8 recipes`; default: {','.join(DEFAULT_RECIPES)})",
     )
+    p.add_argument(
+        "--eval-tasks",
+        default="",
+        metavar="TASKS",
+        help="after training, score each run's final checkpoint on these multiple-choice "
+        "tasks (cloze and/or JSONL files, comma-separated; see `mxfp8 eval --tasks`)",
+    )
     add_config_options(
         p,
         out_help="comparison directory, one run directory per recipe in it "
@@ -83,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
         )
     out = overrides.pop("run.out", None) or DEFAULT_OUT
     base = load_config(args.config, overrides)
-    return compare_and_print(with_compare_defaults(base, set(overrides)), recipes, out)
+    return compare_and_print(with_compare_defaults(base, set(overrides)), recipes, out,
+                             eval_tasks=args.eval_tasks)  # fmt: skip
 
 
 def check_can_start(base: TrainConfig, recipes: Sequence[str], out: str | Path) -> None:
@@ -106,7 +114,8 @@ def check_can_start(base: TrainConfig, recipes: Sequence[str], out: str | Path) 
     require_tokens(prepare_data(base.data), base.run.seq_len)
 
 
-def compare_and_print(base: TrainConfig, recipes: Sequence[str], out: str | Path) -> int:
+def compare_and_print(base: TrainConfig, recipes: Sequence[str], out: str | Path,
+                      eval_tasks: str = "") -> int:  # fmt: skip
     """Run :func:`mxfp8.compare.compare`, print the table of final results and the report path.
 
     Shared by ``mxfp8 compare`` and ``mxfp8 demo``. Returns the exit status: 0, 1 when a run
@@ -118,7 +127,7 @@ def compare_and_print(base: TrainConfig, recipes: Sequence[str], out: str | Path
 
     check_can_start(base, recipes, out)
     try:
-        result = compare(base, recipes, out)
+        result = compare(base, recipes, out, eval_tasks=eval_tasks)
     except CompareError as exc:
         raise UserError(str(exc)) from exc
     if result.report is not None:
@@ -159,6 +168,25 @@ def print_table(out: str | Path) -> None:
         )
     print("tok/s: steady state (each process's first compile steps left out); wall s: "
           "wall time of the run, set-up and evaluation included")  # fmt: skip
+    _print_task_scores(out)
+
+
+def _print_task_scores(out: str | Path) -> None:
+    """acc / acc_norm (+- standard error) of each run's latest task evaluation, if any."""
+    from mxfp8.report.html import eval_rows
+    from mxfp8.report.loader import load_runs
+
+    latest: dict[str, dict] = {}
+    for row in eval_rows(load_runs(Path(out))):
+        if any(isinstance(v, tuple) for v in row.values()):
+            latest[str(row["run"])] = row
+    for run, row in latest.items():
+        scores = ", ".join(
+            f"{k} acc {v[0]:.3f} +- {v[1]:.3f} (acc_norm {v[2]:.3f} +- {v[3]:.3f}, {v[4]} items)"
+            for k, v in row.items()
+            if isinstance(v, tuple)
+        )
+        print(f"{run:<20} {scores}")
 
 
 def unknown_option_message(option: str) -> str:

@@ -6,12 +6,17 @@ tokenized with the model's own tokenizer (its validation split). The model runs 
 training recipe, or ``--recipe NAME``: a bf16-trained model under ``mxfp8`` measures what MX
 inference costs. Results are printed and appended to ``eval.json`` in the run (or model)
 directory.
+
+``--tasks NAME_OR_JSONL[,...]`` adds multiple-choice tasks, scored as lm-eval scores them
+(``acc``, ``acc_norm``, standard errors; docs/interop.md): a JSONL task file, or ``cloze``,
+built from the evaluated split itself (a passage of held-out lines and four candidate next
+lines), so it works offline for any corpus. ``--num-fewshot K`` and ``--limit N`` as in
+lm-eval.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -33,6 +38,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most N tokens")
     p.add_argument("--out", type=Path, default=None, help="results file (default: eval.json "
                    "in the run or model directory)")  # fmt: skip
+    p.add_argument("--tasks", default=None, help="multiple-choice tasks: cloze and/or JSONL "
+                   "files, comma-separated")  # fmt: skip
+    p.add_argument("--num-fewshot", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="score at most N items per task")
+    p.add_argument("--no-lm", action="store_true", help="skip the loss/perplexity pass")
     return p
 
 
@@ -54,9 +64,22 @@ def _split(loaded, data: str | None):
     return prepare_data(cfg).val, f"{data} (validation split)"
 
 
+def _run_tasks(args, loaded, tokens) -> dict:
+    from mxfp8.interop import tasks as mc
+
+    results = {}
+    for task in mc.resolve(args.tasks, loaded.tokenizer, tokens):
+        r = mc.evaluate_task(loaded.model, loaded.tokenizer, task, num_fewshot=args.num_fewshot,
+                             limit=args.limit, batch_size=args.batch_size)  # fmt: skip
+        results[task.name] = r
+        print(f"  {task.name}: acc {r['acc']:.4f} +- {r['acc_stderr']:.4f}, acc_norm "
+              f"{r['acc_norm']:.4f} +- {r['acc_norm_stderr']:.4f} ({r['items']} items, "
+              f"{r['num_fewshot']}-shot; chance {r['chance']:.2f})")  # fmt: skip
+    return results
+
+
 def run(args: argparse.Namespace) -> int:
-    from mxfp8.fileio import write_text_atomically
-    from mxfp8.interop.evaluate import evaluate_lm
+    from mxfp8.interop.evaluate import append_evaluation, evaluate_lm
     from mxfp8.interop.source import open_model
 
     loaded = open_model(args.path, step=args.step, recipe=args.recipe)
@@ -66,17 +89,19 @@ def run(args: argparse.Namespace) -> int:
         run_cfg = loaded.run_config
         seq_len = run_cfg.run.seq_len if run_cfg is not None else loaded.model.cfg.max_seq_len
     t0 = time.perf_counter()
-    res = evaluate_lm(loaded.model, tokens, loaded.tokenizer, seq_len=seq_len,
-                      batch_size=args.batch_size, max_tokens=args.max_tokens)  # fmt: skip
-    res = {"source": loaded.source, "recipe": loaded.recipe, "data": what, **res,
-           "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
-    bpb = res["bits_per_byte"]
-    print(f"{loaded.source} under {loaded.recipe} on {what}: loss {res['loss']:.4f}, "
-          f"perplexity {res['perplexity']:.2f}, bits/byte "
-          f"{'-' if bpb is None else f'{bpb:.4f}'} ({res['tokens']:,} tokens)")  # fmt: skip
+    res = {"source": loaded.source, "recipe": loaded.recipe, "data": what}
+    if not args.no_lm:
+        lm = evaluate_lm(loaded.model, tokens, loaded.tokenizer, seq_len=seq_len,
+                         batch_size=args.batch_size, max_tokens=args.max_tokens)  # fmt: skip
+        res.update(lm)
+        bpb = lm["bits_per_byte"]
+        print(f"{loaded.source} under {loaded.recipe} on {what}: loss {lm['loss']:.4f}, "
+              f"perplexity {lm['perplexity']:.2f}, bits/byte "
+              f"{'-' if bpb is None else f'{bpb:.4f}'} ({lm['tokens']:,} tokens)")  # fmt: skip
+    if args.tasks:
+        res["tasks"] = _run_tasks(args, loaded, tokens)
+    res["seconds"] = round(time.perf_counter() - t0, 2)
     out = args.out or loaded.home / "eval.json"
-    previous = json.loads(out.read_text()) if out.is_file() else {"evaluations": []}
-    previous["evaluations"].append(res)
-    write_text_atomically(out, json.dumps(previous, indent=1) + "\n")
+    append_evaluation(out, res)
     print(f"results: {out}")
     return 0

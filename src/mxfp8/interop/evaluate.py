@@ -75,3 +75,16 @@ def evaluate_lm(model: Transformer, tokens: np.ndarray, tokenizer: Tokenizer, *,
         "seq_len": seq_len,
         "windows": len(starts),
     }
+
+
+def append_evaluation(path, entry: dict[str, Any]) -> None:
+    """Add ``entry`` to the ``evaluations`` list of the JSON file ``path`` (atomically)."""
+    import json
+    from pathlib import Path
+
+    from mxfp8.fileio import write_text_atomically
+
+    path = Path(path)
+    previous = json.loads(path.read_text()) if path.is_file() else {"evaluations": []}
+    previous.setdefault("evaluations", []).append(entry)
+    write_text_atomically(path, json.dumps(previous, indent=1) + "\n")

@@ -142,6 +142,47 @@ def _table(runs: Sequence[RunData]) -> str:
     return f"<table>{head}{''.join(body)}</table>"
 
 
+def eval_rows(runs: Sequence[RunData]) -> list[dict[str, object]]:
+    """One row per (run, evaluation) of the runs' eval.json, one column per task score."""
+    rows = []
+    for run in runs:
+        for e in run.evaluations:
+            row: dict[str, object] = {"run": run.name, "recipe": e.get("recipe"),
+                                      "data": e.get("data"), "loss": e.get("loss"),
+                                      "perplexity": e.get("perplexity"),
+                                      "bits_per_byte": e.get("bits_per_byte")}  # fmt: skip
+            for name, t in (e.get("tasks") or {}).items():
+                row[name] = (t.get("acc"), t.get("acc_stderr"), t.get("acc_norm"),
+                             t.get("acc_norm_stderr"), t.get("items"))  # fmt: skip
+            rows.append(row)
+    return rows
+
+
+def _evaluations(runs: Sequence[RunData]) -> str:
+    rows = eval_rows(runs)
+    if not rows:
+        return ""
+    base = ("run", "recipe", "data", "loss", "perplexity", "bits_per_byte")
+    tasks = sorted({k for r in rows for k in r if k not in base})
+    names = ("run", "evaluated under", "data", "loss", "ppl", "bits/byte",
+             *(f"{t} acc / acc_norm" for t in tasks))  # fmt: skip
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in names)
+    body = []
+    for r in rows:
+        cells = [html.escape(str(r[k])) for k in ("run", "recipe", "data")]
+        cells += [_fmt(r.get(k)) for k in ("loss", "perplexity", "bits_per_byte")]  # type: ignore[arg-type]
+        for t in tasks:
+            v = r.get(t)
+            cells.append("-" if v is None else
+                         f"{v[0]:.3f} &plusmn; {v[1]:.3f} / {v[2]:.3f} &plusmn; {v[3]:.3f} "
+                         f"({v[4]} items)")  # fmt: skip
+        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return ("<h2>Evaluations</h2>\n<table><tr>" + head + "</tr>" + "".join(body) + "</table>"
+            '\n<p class="note">From each run\'s eval.json (<code>mxfp8 eval</code>): loss in '
+            "nats per token over consecutive validation windows; task scores as lm-eval "
+            "scores multiple choice, &plusmn; one standard error.</p>")  # fmt: skip
+
+
 def _events(runs: Sequence[RunData]) -> str:
     items = []
     for run in runs:
@@ -220,6 +261,7 @@ director{"y" if len(runs) == 1 else "ies"}.</p>
 <p class="note">{gap_note}</p>
 <h2>Loss</h2>
 {"".join(overview) or "<p>No metrics logged yet.</p>"}
+{_evaluations(runs)}
 <h2>Divergence flags</h2>
 {_events(runs)}
 <h2>Numerics telemetry</h2>

@@ -21,6 +21,7 @@ from typing import Any
 
 from mxfp8.stats.jsonl import read_rows
 
+EVAL_FILE = "eval.json"  # written by `mxfp8 eval` (and `mxfp8 compare --eval-tasks`)
 RUN_FILES = ("config.toml", "metrics.jsonl", "numerics.jsonl", "events.jsonl", "summary.json")
 COMPARISON_INDEX = "comparison.json"
 BASELINE_RECIPE = "bf16"
@@ -65,6 +66,7 @@ class RunData:
     numerics: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    evaluations: list[dict[str, Any]] = field(default_factory=list)  # eval.json (mxfp8 eval)
 
     @property
     def recipe(self) -> str:
@@ -140,7 +142,13 @@ def load_run(path: str | Path) -> RunData:
         numerics=read_jsonl(path / "numerics.jsonl"),
         events=read_jsonl(path / "events.jsonl"),
         summary=_read_json(path / "summary.json"),
+        evaluations=_evaluations(path / EVAL_FILE),
     )
+
+
+def _evaluations(path: Path) -> list[dict[str, Any]]:
+    evals = _read_json(path).get("evaluations", [])
+    return [e for e in evals if isinstance(e, dict)] if isinstance(evals, list) else []
 
 
 def _child_runs(path: Path) -> Iterator[Path]:

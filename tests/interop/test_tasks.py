@@ -1,0 +1,120 @@
+"""Multiple-choice scoring as lm-eval scores it: the request split, the sums, acc and
+acc_norm with their standard errors, the task file format, and the built-in cloze task."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mxfp8.errors import UserError
+from mxfp8.interop import tasks as mc
+from mxfp8.train import golden
+from mxfp8.train.config import load_config
+from mxfp8.train.data import prepare_data
+from mxfp8.train.model import Transformer, model_config
+
+
+@pytest.fixture(scope="module")
+def data(data_cache):
+    return prepare_data(load_config(None, {**golden.OVERRIDES,
+                                           "data.cache_dir": str(data_cache)}).data)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model(data):
+    torch.manual_seed(0)
+    m = Transformer(model_config("tiny", d_model=64, n_layers=2, n_heads=2, n_kv_heads=1,
+                                 ffn_hidden=128, vocab_size=data.vocab_size, max_seq_len=48,
+                                 tie_embeddings=False))  # fmt: skip
+    with torch.no_grad():
+        m.output.weight.mul_(10)  # sharper than the init, so choices differ in score
+    return m.eval()
+
+
+def test_trailing_space_moves_into_the_continuation(data):
+    assert mc.split_request("Q: who? ", " Romeo") == ("Q: who?", "  Romeo")
+    assert mc.split_request("Q: who?", " Romeo") == ("Q: who?", " Romeo")
+    tok = data.tokenizer
+    ctx, cont = mc.encode_pair(tok, "To be, or not ", "to be")
+    assert ctx == tok.encode("To be, or not").ids
+    assert ctx + cont == tok.encode("To be, or not to be").ids
+    assert mc.encode_pair(tok, "", "to be", eot=0) == ([0], tok.encode("to be").ids)
+
+
+def _direct_sum(model, ctx, cont):
+    """The continuation's summed log-probability from one plain forward of its own."""
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        logp = F.log_softmax(model(ids[:, :-1])[0].float(), -1)[0]
+    return sum(float(logp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont))
+
+
+def test_batched_scores_equal_one_forward_per_request(model, data):
+    tok = data.tokenizer
+    texts = [("ROMEO:", " But soft"), ("First Citizen:\nBefore we", " proceed any further"),
+             ("A", " b"), ("long " * 30, " tail that is cut on the left")]  # fmt: skip
+    reqs = [mc.encode_pair(tok, c, x) for c, x in texts]
+    got = mc.loglikelihoods(model, reqs, batch_size=3)
+    for (ctx, cont), (ll, _) in zip(reqs, got, strict=True):
+        keep = (ctx + cont)[-(model.cfg.max_seq_len + 1) :]
+        want = _direct_sum(model, keep[: len(keep) - len(cont)], cont)
+        assert ll == pytest.approx(want, abs=1e-4)
+
+
+def test_acc_and_acc_norm_and_their_standard_errors(monkeypatch, model, data):
+    # fixed scores: item 1 is right under acc, item 2 under acc_norm only, item 3 under both
+    scores = iter([-2.0, -4.0, -2.0, -4.0, -9.0, -1.0])
+    monkeypatch.setattr(mc, "loglikelihoods", lambda m, reqs, bs: [(next(scores), False)
+                                                                   for _ in reqs])  # fmt: skip
+    task = mc.Task("t", [mc.Item("x", ("a", "bbbb"), 0), mc.Item("y", ("a", "bbbb"), 1),
+                         mc.Item("z", ("aaa", "b"), 1)])  # fmt: skip
+    r = mc.evaluate_task(model, data.tokenizer, task)
+    acc, acc_norm = [1, 0, 1], [0, 1, 1]  # norm: -2/1 < -4/4; -9/3 < -1/1
+    assert r["acc"] == pytest.approx(2 / 3) and r["acc_norm"] == pytest.approx(2 / 3)
+    for key, hits in (("acc_stderr", acc), ("acc_norm_stderr", acc_norm)):
+        m = sum(hits) / 3
+        assert r[key] == pytest.approx(math.sqrt(sum((h - m) ** 2 for h in hits) / 2 / 3))
+    assert r["chance"] == 0.5
+
+
+def test_task_file_format_and_its_errors(tmp_path, model, data):
+    path = tmp_path / "t.jsonl"
+    rows = [{"context": "Q1", "choices": ["a", "b"], "label": 1},
+            {"context": "D1", "choices": ["c", "d"], "label": 0, "split": "dev"},
+            {"context": "Q2", "choices": ["e", "f", "g"], "label": 2}]  # fmt: skip
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    task = mc.load_jsonl(path)
+    assert (task.name, len(task.items), len(task.dev)) == ("t", 2, 1)
+    assert mc.fewshot_prompt(task, 1, 1, seed=0) == "D1 c\n\nQ2"
+    with pytest.raises(UserError, match="only 1 dev items"):
+        mc.evaluate_task(model, data.tokenizer, task, num_fewshot=2)
+    for bad, message in (('{"context": "Q", "choices": ["a"], "label": 0}', "two or more"),
+                         ('{"context": "Q", "choices": ["a", "b"], "label": 2}', "an index"),
+                         ("[1, 2]", "must be an object"), ("{oops", "not JSON")):  # fmt: skip
+        path.write_text(json.dumps(rows[0]) + "\n" + bad + "\n")
+        with pytest.raises(UserError, match=f"t.jsonl:2: .*{message}"):
+            mc.load_jsonl(path)
+
+
+def test_cloze_items_are_deterministic_and_well_formed(data):
+    text = data.tokenizer.decode(data.val[:60000].tolist())
+    a = mc.cloze_task(text, n_items=50, seed=3)
+    b = mc.cloze_task(text, n_items=50, seed=3)
+    c = mc.cloze_task(text, n_items=50, seed=4)
+    assert a.items == b.items and a.items != c.items and len(a.items) == 50
+    lines = text.splitlines()
+    for item in a.items:
+        assert len(item.choices) == 4 and len(set(item.choices)) == 4
+        passage = item.context.split("\n")
+        true = item.choices[item.label]
+        # the true line follows the passage in the held-out text (long lines only)
+        long = [ln.rstrip() for ln in lines if len(ln.strip()) >= mc.CLOZE_MIN_CHARS]
+        at = next(i for i in range(len(long) - 4) if long[i : i + 4] == passage)
+        assert long[at + 4] == true
+    assert sorted({i.label for i in a.items}) == [0, 1, 2, 3]
+    with pytest.raises(UserError, match="too few"):
+        mc.cloze_task("short\n" * 50)
