@@ -88,3 +88,25 @@ def test_eval_and_export_errors_are_one_line(run_dir, tmp_path, capsys):
     assert "not an empty directory" in capsys.readouterr().err
     assert main(["generate", str(run_dir), "--prompt", "x", "--top-p", "2"]) == 2
     assert "--top-p must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_eval_on_another_corpus_uses_the_models_tokenizer(run_dir, tmp_path, capsys):
+    corpus = tmp_path / "other.txt"
+    corpus.write_text("\n".join(f"Line {i}: to be or not to be, that is the question."
+                                 for i in range(3000)))  # fmt: skip
+    out = tmp_path / "e.json"
+    assert main(["eval", str(run_dir), "--data", str(corpus), "--max-tokens", "1024",
+                 "--out", str(out)]) == 0  # fmt: skip
+    (e,) = json.loads(out.read_text())["evaluations"]
+    assert e["data"] == f"{corpus} (validation split)" and e["tokens"] == 1024
+    # the same numbers from the corpus prepared explicitly with the run's tokenizer (a BPE
+    # trained on this corpus instead would give other ids, hence another loss)
+    from mxfp8.interop.source import open_model
+    from mxfp8.train.data import DataConfig
+
+    loaded = open_model(run_dir)
+    data = prepare_data(DataConfig(source=str(corpus), tokenizer=str(loaded.tokenizer_path),
+                                   cache_dir=str(tmp_path / "cache")))  # fmt: skip
+    want = evaluate_lm(loaded.model, data.val, data.tokenizer, seq_len=32, max_tokens=1024)
+    assert e["loss"] == pytest.approx(want["loss"], abs=1e-6)
+    assert e["bits_per_byte"] == pytest.approx(want["bits_per_byte"], abs=1e-6)

@@ -233,3 +233,25 @@ def test_init_from_an_export_starts_from_its_weights_shape_and_tokenizer(source,
     (tmp_path / "hf" / "tokenizer.json").unlink()
     with pytest.raises(ConfigError, match="has no tokenizer.json"):
         train(load_config(None, {**base, "run.out": str(tmp_path / "notok")}))
+
+
+def test_init_from_checks_the_vocabulary_against_the_tokenizer(source, tmp_path, data_cache):
+    """A directory whose model has fewer token ids than its tokenizer is refused, naming both."""
+    from safetensors.torch import load_file, save_file
+
+    from mxfp8.train.config import ConfigError
+
+    export(source, tmp_path / "hf", fmt="hf", dtype="fp32")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["vocab_size"] = 300
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in tensors:
+            tensors[name] = tensors[name][:300].contiguous()
+    save_file(tensors, str(tmp_path / "hf" / "model.safetensors"))
+    over = {**{k: v for k, v in golden.OVERRIDES.items() if not k.startswith("model.")},
+            "data.cache_dir": str(data_cache), "run.init_from": str(tmp_path / "hf"),
+            "run.out": str(tmp_path / "run")}  # fmt: skip
+    with pytest.raises(ConfigError, match="model.vocab_size 300 < the tokenizer's 512"):
+        train(load_config(None, over))

@@ -72,6 +72,20 @@ def test_lm_eval_scores_equal_mxfp8_eval(tmp_path, data_cache, monkeypatch, caps
     assert theirs["acc_norm,none"] == pytest.approx(ours["acc_norm"])
     assert theirs["acc_stderr,none"] == pytest.approx(ours["acc_stderr"])
     assert ours["items"] == 4 and 0 < ours["acc"]
+    # the documented command line: lm-eval's own CLI, with the model registered
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "mxfp8.interop.lm_eval_adapter", "--model", "mxfp8",
+           "--model_args", f"path={run}", "--tasks", "mxfp8_local_mc", "--include_path",
+           str(tmp_path / "tasks")]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "HF_DATASETS_OFFLINE": "1"})  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    row = next(ln for ln in res.stdout.splitlines() if "mxfp8_local_mc" in ln)
+    cells = [c.strip() for c in row.split("|")]
+    assert float(cells[cells.index("acc") + 2]) == pytest.approx(ours["acc"], abs=1e-4)
     # per choice, not only on average: lm-eval's logged log-likelihoods against ours
     from mxfp8.interop import tasks as mc
 

@@ -27,6 +27,12 @@ SHORT_FLAGS: dict[str, tuple[str, str, str]] = {
     "--out": ("run.out", "DIR", "run directory (default: runs/<recipe>-<timestamp>)"),
     "--seed": ("run.seed", "SEED", "seed of the model init and the data order"),
     "--stop-after": ("run.stop_after", "K", "end this process after K steps, with a checkpoint"),
+    "--init-from": (
+        "run.init_from",
+        "DIR",
+        "start from a Llama directory (mxfp8 export or "
+        "transformers'): its shape, tokenizer and weights",
+    ),  # fmt: skip
 }
 _PREFIX = "set:"  # argparse dest of generated options: "set:section.field"
 

@@ -59,4 +59,9 @@ def load_weights(model: Transformer, pre: Pretrained) -> None:
     missing = sorted(set(expected) - set(pre.weights))
     if missing:
         raise ConfigError(f"run.init_from = {pre.path}: no weights for {', '.join(missing[:5])}")
+    for name, t in expected.items():
+        got = tuple(pre.weights[name].shape)
+        if got != tuple(t.shape):
+            raise ConfigError(f"run.init_from = {pre.path}: {name} has shape {got}, the model "
+                              f"needs {tuple(t.shape)}")  # fmt: skip
     model.load_state_dict(pre.weights, strict=True)
