@@ -185,25 +185,20 @@ def evaluate_run(run_dir: Path, specs: str) -> None:
     ``run_dir/eval.json``, unless it holds those scores for that checkpoint already."""
     from mxfp8.interop import tasks as mc
     from mxfp8.interop.evaluate import append_evaluation
-    from mxfp8.interop.source import open_model
-    from mxfp8.train.data import prepare_data
+    from mxfp8.interop.source import eval_split, open_model
 
     loaded = open_model(run_dir)
     path = run_dir / EVAL_FILE
-    specs_list = [s.strip() for s in specs.split(",") if s.strip()]
-    names = {s if s == mc.CLOZE else Path(s).stem for s in specs_list}
+    names = mc.task_names(specs)
     known = json.loads(path.read_text()).get("evaluations", []) if path.is_file() else []
     for e in known:
         same_model = e.get("source") == loaded.source and e.get("recipe") == loaded.recipe
         if same_model and names <= set(e.get("tasks") or {}):
             return
-    cfg = loaded.run_config.data
-    tokens = prepare_data(cfg).val
+    tokens, what = eval_split(loaded)
     _say(f"evaluating {run_dir.name} on {', '.join(sorted(names))}")
-    scores = {t.name: mc.evaluate_task(loaded.model, loaded.tokenizer, t)
-              for t in mc.resolve(specs, loaded.tokenizer, tokens)}  # fmt: skip
-    append_evaluation(path, {"source": loaded.source, "recipe": loaded.recipe,
-                             "data": f"{cfg.source} (the run's validation split)",
+    scores = mc.evaluate_tasks(loaded.model, loaded.tokenizer, specs, tokens)
+    append_evaluation(path, {"source": loaded.source, "recipe": loaded.recipe, "data": what,
                              "tasks": scores})  # fmt: skip
 
 

@@ -46,44 +46,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-def _split(loaded, data: str | None):
-    """(validation token ids, a description of them)."""
-    import dataclasses
-
-    from mxfp8.errors import UserError
-    from mxfp8.train.data import DataConfig, prepare_data
-
-    if data is None:
-        if loaded.run_config is None:
-            raise UserError(f"{loaded.source}: no run to take the validation split from: "
-                            "pass --data SOURCE")  # fmt: skip
-        cfg = loaded.run_config.data
-        return prepare_data(cfg).val, f"{cfg.source} (the run's validation split)"
-    base = loaded.run_config.data if loaded.run_config is not None else DataConfig()
-    cfg = dataclasses.replace(base, source=data, tokenizer=str(loaded.tokenizer_path))
-    return prepare_data(cfg).val, f"{data} (validation split)"
-
-
-def _run_tasks(args, loaded, tokens) -> dict:
-    from mxfp8.interop import tasks as mc
-
-    results = {}
-    for task in mc.resolve(args.tasks, loaded.tokenizer, tokens):
-        r = mc.evaluate_task(loaded.model, loaded.tokenizer, task, num_fewshot=args.num_fewshot,
-                             limit=args.limit, batch_size=args.batch_size)  # fmt: skip
-        results[task.name] = r
-        print(f"  {task.name}: acc {r['acc']:.4f} +- {r['acc_stderr']:.4f}, acc_norm "
+def _print_tasks(results: dict) -> None:
+    for name, r in results.items():
+        print(f"  {name}: acc {r['acc']:.4f} +- {r['acc_stderr']:.4f}, acc_norm "
               f"{r['acc_norm']:.4f} +- {r['acc_norm_stderr']:.4f} ({r['items']} items, "
               f"{r['num_fewshot']}-shot; chance {r['chance']:.2f})")  # fmt: skip
-    return results
 
 
 def run(args: argparse.Namespace) -> int:
     from mxfp8.interop.evaluate import append_evaluation, evaluate_lm
-    from mxfp8.interop.source import open_model
+    from mxfp8.interop.source import eval_split, open_model
+    from mxfp8.interop.tasks import evaluate_tasks
 
     loaded = open_model(args.path, step=args.step, recipe=args.recipe)
-    tokens, what = _split(loaded, args.data)
+    tokens, what = eval_split(loaded, args.data)
     seq_len = args.seq_len
     if seq_len is None:
         run_cfg = loaded.run_config
@@ -99,7 +75,10 @@ def run(args: argparse.Namespace) -> int:
               f"perplexity {lm['perplexity']:.2f}, bits/byte "
               f"{'-' if bpb is None else f'{bpb:.4f}'} ({lm['tokens']:,} tokens)")  # fmt: skip
     if args.tasks:
-        res["tasks"] = _run_tasks(args, loaded, tokens)
+        res["tasks"] = evaluate_tasks(loaded.model, loaded.tokenizer, args.tasks, tokens,
+                                      num_fewshot=args.num_fewshot, limit=args.limit,
+                                      batch_size=args.batch_size)  # fmt: skip
+        _print_tasks(res["tasks"])
     res["seconds"] = round(time.perf_counter() - t0, 2)
     out = args.out or loaded.home / "eval.json"
     append_evaluation(out, res)

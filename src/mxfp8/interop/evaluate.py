@@ -15,7 +15,9 @@ with its final validation loss up to the choice of windows.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -25,6 +27,18 @@ from tokenizers import Tokenizer
 
 from mxfp8.errors import UserError
 from mxfp8.train.model import Transformer
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """``model.eval()`` for the block, then the mode it had (an inference forward of a model
+    in training mode would still checkpoint its blocks)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def _windows(n_tokens: int, seq_len: int, max_tokens: int | None) -> list[int]:
@@ -49,10 +63,8 @@ def evaluate_lm(model: Transformer, tokens: np.ndarray, tokenizer: Tokenizer, *,
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     starts = _windows(len(tokens), seq_len, max_tokens)
     device = model.tok_embeddings.weight.device
-    was_training = model.training
-    model.eval()
     nll, count, n_bytes = 0.0, 0, 0
-    try:
+    with eval_mode(model):
         for b in range(0, len(starts), batch_size):
             rows = np.stack([tokens[s : s + seq_len + 1] for s in starts[b : b + batch_size]])
             batch = torch.from_numpy(rows.astype(np.int64)).to(device)
@@ -63,8 +75,6 @@ def evaluate_lm(model: Transformer, tokens: np.ndarray, tokenizer: Tokenizer, *,
             nll += float(losses)
             count += y.numel()
             n_bytes += sum(len(tokenizer.decode(r.tolist()).encode("utf-8")) for r in y.cpu())
-    finally:
-        model.train(was_training)
     loss = nll / count
     return {
         "loss": loss,

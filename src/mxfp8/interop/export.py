@@ -35,6 +35,7 @@ from tokenizers import Tokenizer
 
 from mxfp8.errors import UserError
 from mxfp8.train import llama
+from mxfp8.train.config import TrainConfig
 from mxfp8.train.llama import INDEX_FILE, MX_BLOCK, SCALE_SUFFIX, SINGLE_FILE
 from mxfp8.train.model import ModelConfig, Transformer
 
@@ -46,31 +47,38 @@ PROVENANCE_FILE = "mxfp8_export.json"
 
 @dataclass(frozen=True)
 class Source:
-    """What an export reads: the checkpoint, its run config, model config, weights (our
-    names, fp32) and tokenizer."""
+    """What an export reads: the checkpoint, its run config, the model holding its weights
+    (fp32), the weights by our names, the tokenizer, and which linears go to MXFP8."""
 
     checkpoint: Path
     step: int
-    recipe: str
-    model_cfg: ModelConfig
+    config: TrainConfig
+    model: Transformer
     weights: dict[str, torch.Tensor]
     tokenizer: Tokenizer
     tokenizer_path: Path
-    convert: tuple[str, ...]  # fqn patterns of the linears the recipe quantizes
+    mx_linears: frozenset[str]  # fqns of the linears the recipe quantizes (convert_model's)
     scale_rule: str
+
+    @property
+    def recipe(self) -> str:
+        return self.config.recipe.name
+
+    @property
+    def model_cfg(self) -> ModelConfig:
+        return self.model.cfg
 
 
 def read_source(checkpoint: Path) -> Source:
     """Load a (verified) checkpoint directory's weights, config and tokenizer."""
+    from mxfp8.layers.convert import plan_conversion
     from mxfp8.layers.recipe import recipe as named_recipe
     from mxfp8.train import checkpoint as ckpt
     from mxfp8.train.config import load_config
 
     cfg = load_config(checkpoint / ckpt.CONFIG_FILE)
-    model_cfg = cfg.model.build()
-    model = Transformer(model_cfg)
-    weights = ckpt.read_weights(checkpoint, model)
-    model.load_state_dict(weights, strict=True)  # every parameter there, every shape right
+    model = Transformer(cfg.model.build())
+    model.load_state_dict(ckpt.read_weights(checkpoint, model), strict=True)  # all, right shapes
     state = ckpt.load_state(checkpoint, verify=False)
     tok_path = _run_tokenizer(cfg, state.get("data_identity") or {})
     rec = cfg.recipe.build()
@@ -79,12 +87,12 @@ def read_source(checkpoint: Path) -> Source:
     return Source(
         checkpoint=checkpoint,
         step=int(state["step"]),
-        recipe=cfg.recipe.build().name,
-        model_cfg=model_cfg,
-        weights={k: v.detach().float() for k, v in model.state_dict().items()},
+        config=cfg,
+        model=model,
+        weights={k: v.detach() for k, v in model.state_dict().items()},  # fp32, shared
         tokenizer=Tokenizer.from_file(str(tok_path)),
         tokenizer_path=tok_path,
-        convert=tuple(rec.convert),
+        mx_linears=frozenset(plan_conversion(model, rec).converted),
         scale_rule=rec.scale_rule.value,
     )
 
@@ -105,18 +113,6 @@ def _run_tokenizer(cfg, identity: dict[str, Any]) -> Path:
     return path
 
 
-def _converted(name: str, convert: tuple[str, ...], weight: torch.Tensor) -> bool:
-    import fnmatch
-
-    fqn = name.removesuffix(".weight")
-    return (
-        name.endswith(".weight")
-        and weight.dim() == 2
-        and any(fnmatch.fnmatchcase(fqn, p) for p in convert)
-        and weight.shape[1] % MX_BLOCK == 0
-    )
-
-
 def mx_weight(w: torch.Tensor, scale_rule: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(FP8 E4M3 [N, K], E8M0 [N, K/32]) of a weight, blocks along K: what fprop uses."""
     from mxfp8.numerics.quantize import quantize
@@ -127,13 +123,14 @@ def mx_weight(w: torch.Tensor, scale_rule: str) -> tuple[torch.Tensor, torch.Ten
 
 def _tensors(src: Source, fmt: str, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], list]:
     """(transformers-named tensors to write, HF names of the linears kept in ``dtype``)."""
-    ours = llama.to_hf(src.weights, src.model_cfg)
-    hf_of = {llama.hf_name(n): n for n in src.weights if llama.hf_name(n) in ours}
+    to_mx = set()
+    if fmt == "mxfp8":  # the block dim is K (in_features): 32 must divide it
+        to_mx = {llama.hf_name(f"{n}.weight") for n in src.mx_linears
+                 if src.weights[f"{n}.weight"].shape[1] % MX_BLOCK == 0}  # fmt: skip
     out: dict[str, torch.Tensor] = {}
     kept = []
-    for hf, t in ours.items():
-        name = hf_of[hf]
-        if fmt == "mxfp8" and _converted(name, src.convert, t):
+    for hf, t in llama.to_hf(src.weights, src.model_cfg).items():
+        if hf in to_mx:
             data, scale = mx_weight(t, src.scale_rule)
             out[hf] = data
             out[hf.removesuffix("weight") + SCALE_SUFFIX] = scale

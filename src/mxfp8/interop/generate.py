@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 
 from mxfp8.errors import UserError
+from mxfp8.interop.evaluate import eval_mode
 from mxfp8.train.model import KVCache, Transformer
 
 
@@ -64,14 +65,12 @@ def generate(
     if len(prompt) + max_new_tokens > limit:
         raise UserError(f"prompt ({len(prompt)} tokens) + --max-new-tokens {max_new_tokens} "
                         f"exceeds the model's max_seq_len {limit}")  # fmt: skip
-    was_training = model.training
-    model.eval()
     device = model.tok_embeddings.weight.device
     gen = torch.Generator(device="cpu").manual_seed(seed)
     seq = torch.tensor([prompt], dtype=torch.long, device=device)
     cache = KVCache(model.cfg.n_layers) if use_cache else None
     step_input = seq
-    try:
+    with eval_mode(model):
         for _ in range(max_new_tokens):
             logits, _ = model(step_input, cache=cache) if use_cache else model(seq)
             last = logits[0, -1].float().cpu()
@@ -86,5 +85,3 @@ def generate(
             nxt = torch.tensor([[token]], dtype=torch.long, device=device)
             seq = torch.cat((seq, nxt), dim=1)
             step_input = nxt
-    finally:
-        model.train(was_training)

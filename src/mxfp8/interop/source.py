@@ -25,8 +25,7 @@ class Loaded:
     home: Path  # the run directory, or the model directory: where eval.json goes
 
 
-def open_model(path: str | Path, *, step: int | None = None, recipe: str | None = None,
-               compile_quantize: bool = False) -> Loaded:  # fmt: skip
+def open_model(path: str | Path, *, step: int | None = None, recipe: str | None = None) -> Loaded:
     """Load ``path`` (see the module doc). ``recipe`` (a named recipe) replaces the one the
     model was trained with: a bf16-trained model under ``mxfp8`` answers whether MX
     inference hurts; a Llama directory defaults to ``bf16``, or to the recipe its export
@@ -56,22 +55,17 @@ def open_model(path: str | Path, *, step: int | None = None, recipe: str | None 
     else:
         from mxfp8.interop.export import read_source
         from mxfp8.train.checkpoint_load import find_checkpoint
-        from mxfp8.train.config import load_config
-        from mxfp8.train.manifest import CONFIG_FILE
 
         ck = find_checkpoint(path, step)
         src = read_source(ck)
-        model = Transformer(src.model_cfg)
-        model.load_state_dict(src.weights, strict=True)
-        tok, trained = src.tokenizer, src.recipe
-        run_config = load_config(ck / CONFIG_FILE)
+        model, tok, trained, run_config = src.model, src.tokenizer, src.recipe, src.config
         source = f"{ck} (step {src.step})"
         tok_path = src.tokenizer_path
         home = ck.parent.parent if ck.parent.name == "checkpoints" else ck
     name = recipe or trained
     rec = named_recipe(name)
     if rec.quantized:
-        model = convert_model(model, rec, compile_quantize=compile_quantize)
+        model = convert_model(model, rec)
     return Loaded(model.eval(), tok, name, source, run_config, tok_path, home)
 
 
@@ -82,3 +76,21 @@ def _export_run_config(checkpoint: Path):
 
     path = checkpoint / CONFIG_FILE
     return load_config(path) if checkpoint.name and path.is_file() else None
+
+
+def eval_split(loaded: Loaded, data: str | None = None):
+    """(validation token ids, a description of them): the run's validation split, or that
+    of the corpus ``data`` tokenized with the model's own tokenizer."""
+    import dataclasses
+
+    from mxfp8.train.data import DataConfig, prepare_data
+
+    if data is None:
+        if loaded.run_config is None:
+            raise UserError(f"{loaded.source}: no run to take the validation split from: "
+                            "pass --data SOURCE")  # fmt: skip
+        cfg = loaded.run_config.data
+        return prepare_data(cfg).val, f"{cfg.source} (the run's validation split)"
+    base = loaded.run_config.data if loaded.run_config is not None else DataConfig()
+    cfg = dataclasses.replace(base, source=data, tokenizer=str(loaded.tokenizer_path))
+    return prepare_data(cfg).val, f"{data} (validation split)"

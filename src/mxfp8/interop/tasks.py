@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from mxfp8.errors import UserError
+from mxfp8.interop.evaluate import eval_mode
 from mxfp8.train.model import Transformer
 
 TARGET_DELIMITER = " "
@@ -125,9 +126,7 @@ def loglikelihoods(model: Transformer, requests: list[tuple[list[int], list[int]
     limit = model.cfg.max_seq_len
     device = model.tok_embeddings.weight.device
     out: list[tuple[float, bool]] = []
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for b in range(0, len(requests), batch_size):
             chunk = requests[b : b + batch_size]
             seqs = []
@@ -149,8 +148,6 @@ def loglikelihoods(model: Transformer, requests: list[tuple[list[int], list[int]
                 rows = logp[i, pos]
                 out.append((float(rows.gather(1, target[:, None]).sum()),
                             bool(torch.equal(rows.argmax(-1), target))))  # fmt: skip
-    finally:
-        model.train(was_training)
     return out
 
 
@@ -239,11 +236,20 @@ def cloze_task(text: str, *, n_items: int = 200, context_lines: int = 4, n_choic
     return Task(CLOZE, items, delimiter="\n")
 
 
+def _specs(specs: str) -> list[str]:
+    return [t.strip() for t in specs.split(",") if t.strip()]
+
+
+def task_names(specs: str) -> set[str]:
+    """The names the tasks of a ``--tasks`` value get (a task file's is its stem)."""
+    return {s if s == CLOZE else Path(s).stem for s in _specs(specs)}
+
+
 def resolve(specs: str, tokenizer: Tokenizer, tokens) -> list[Task]:
     """The tasks of a ``--tasks`` value: ``cloze`` (built from the evaluated split ``tokens``)
     and JSONL task files, comma-separated."""
     out = []
-    for spec in [t.strip() for t in specs.split(",") if t.strip()]:
+    for spec in _specs(specs):
         if spec == CLOZE:
             out.append(cloze_task(tokenizer.decode(tokens[:CLOZE_MAX_TOKENS].tolist())))
         else:
@@ -251,3 +257,9 @@ def resolve(specs: str, tokenizer: Tokenizer, tokens) -> list[Task]:
     if not out:
         raise UserError(f"no task in {specs!r}")
     return out
+
+
+def evaluate_tasks(model: Transformer, tok: Tokenizer, specs: str, tokens,
+                   **kwargs: Any) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """task name -> :func:`evaluate_task` for each task of ``specs`` (see :func:`resolve`)."""
+    return {t.name: evaluate_task(model, tok, t, **kwargs) for t in resolve(specs, tok, tokens)}

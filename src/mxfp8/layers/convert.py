@@ -110,6 +110,26 @@ def _decide(name: str, mod: nn.Linear, recipe: Recipe) -> tuple[bool, str]:
     return True, f"matches convert pattern {hit!r}"
 
 
+def plan_conversion(model: nn.Module, recipe: Recipe) -> ConversionReport:
+    """Which ``nn.Linear`` modules of ``model`` :func:`convert_model` swaps for ``recipe``, and
+    why each other one stays; changes nothing."""
+    mx = recipe.scaling is ScalingKind.MX
+    report = ConversionReport(
+        recipe.name, block_size=recipe.block_size if mx else 0, copies=2 if mx else 1
+    )
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        if name:
+            convert, reason = _decide(name, mod, recipe)
+        else:  # in place means through the parent; the root has none
+            convert, reason = False, "the root module cannot be swapped in place"
+        report.decisions.append(
+            ModuleDecision(name, mod.in_features, mod.out_features, convert, reason)
+        )
+    return report
+
+
 def convert_model(
     model: nn.Module,
     recipe: Recipe,
@@ -125,21 +145,11 @@ def convert_model(
     through torch.compile (fast on CPU once compiled; see MXLinear); ``quantize_kernel``
     names the kernel instead (:mod:`mxfp8.numerics.backends`; None: by device).
     """
-    mx = recipe.scaling is ScalingKind.MX
-    report = ConversionReport(
-        recipe.name, block_size=recipe.block_size if mx else 0, copies=2 if mx else 1
-    )
-    targets: list[tuple[str, nn.Linear]] = [
-        (name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)
-    ]
-    for name, mod in targets:
-        if name:
-            convert, reason = _decide(name, mod, recipe)
-        else:  # in place means through the parent; the root has none
-            convert, reason = False, "the root module cannot be swapped in place"
-        report.decisions.append(
-            ModuleDecision(name, mod.in_features, mod.out_features, convert, reason)
-        )
+    report = plan_conversion(model, recipe)
+    for d in report.decisions:
+        if not d.name:
+            continue  # the root: nothing to swap it in
+        name, mod, convert = d.name, model.get_submodule(d.name), d.converted
         if isinstance(mod, MXLinear) and not convert:
             new: nn.Linear = nn.Linear(
                 mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from mxfp8.train import pretrained
 from mxfp8.train.config import ModelSection, TrainConfig
 from mxfp8.train.fields import ConfigError
 from mxfp8.train.model import ModelConfig, Transformer
@@ -55,13 +56,4 @@ def apply(cfg: TrainConfig, *, fresh: bool, say) -> tuple[TrainConfig, Pretraine
 
 def load_weights(model: Transformer, pre: Pretrained) -> None:
     """Copy ``pre``'s weights into the freshly built ``model`` (same config: checked)."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(pre.weights))
-    if missing:
-        raise ConfigError(f"run.init_from = {pre.path}: no weights for {', '.join(missing[:5])}")
-    for name, t in expected.items():
-        got = tuple(pre.weights[name].shape)
-        if got != tuple(t.shape):
-            raise ConfigError(f"run.init_from = {pre.path}: {name} has shape {got}, the model "
-                              f"needs {tuple(t.shape)}")  # fmt: skip
-    model.load_state_dict(pre.weights, strict=True)
+    pretrained.load_weights(model, pre, error=ConfigError, where=f"run.init_from = {pre.path}")

@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from mxfp8.errors import UserError
+from mxfp8.numerics.formats import E4M3, ScaleRule
+from mxfp8.numerics.tensor import MXTensor
 from mxfp8.train import llama
 from mxfp8.train.llama import INDEX_FILE, MX_BLOCK, SCALE_SUFFIX, SINGLE_FILE
 from mxfp8.train.model import ModelConfig, Transformer
@@ -31,7 +33,6 @@ class Pretrained:
     model_cfg: ModelConfig
     weights: dict[str, torch.Tensor]  # our names, fp32
     tokenizer: Tokenizer | None
-    mx_layers: tuple[str, ...]  # our names of the weights that were stored as MXFP8
 
 
 def is_pretrained_dir(path: Path) -> bool:
@@ -57,9 +58,10 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _dequantize_mx(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Replace each (FP8 weight, E8M0 weight_scale_inv) pair by its exact fp32 value."""
-    out, mx = {}, []
+def _dequantize_mx(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each (FP8 weight, E8M0 weight_scale_inv) pair replaced by its exact fp32 value; every
+    other tensor in fp32."""
+    out = {}
     for name, t in tensors.items():
         if name.endswith(SCALE_SUFFIX):
             continue
@@ -75,14 +77,11 @@ def _dequantize_mx(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
                 want = (n, k // MX_BLOCK)
                 raise UserError(f"{scale_name}: shape {tuple(scale.shape)}, expected {want} "
                                 f"(one scale per {MX_BLOCK} along K)")  # fmt: skip
-            bits = scale.view(torch.uint8).to(torch.int32)
-            factor = torch.where(bits == 255, torch.nan, torch.ldexp(torch.ones(bits.shape),
-                                                                     bits - 127))  # fmt: skip
-            out[name] = t.float() * factor.repeat_interleave(MX_BLOCK, dim=1)
-            mx.append(name)
+            mx = MXTensor(t, scale.view(torch.float8_e8m0fnu), E4M3, MX_BLOCK, 1, ScaleRule.RCEIL)
+            out[name] = mx.dequantize(torch.float32)  # (the rule only records how it was made)
         else:
             out[name] = t.float()
-    return out, mx
+    return out
 
 
 def read_pretrained(path: str | Path) -> Pretrained:
@@ -91,30 +90,35 @@ def read_pretrained(path: str | Path) -> Pretrained:
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: no config.json: not a model directory")
     model_cfg = llama.model_config(json.loads((path / "config.json").read_text()))
-    tensors, mx = _dequantize_mx(_read_tensors(path))
-    weights = llama.from_hf(tensors, model_cfg)
+    weights = llama.from_hf(_dequantize_mx(_read_tensors(path)), model_cfg)
     tok_file = path / "tokenizer.json"
     tok = Tokenizer.from_file(str(tok_file)) if tok_file.is_file() else None
-    mx_ours = tuple(sorted(llama.our_name(n) for n in mx))
-    return Pretrained(path, model_cfg, weights, tok, mx_ours)
+    return Pretrained(path, model_cfg, weights, tok)
+
+
+def load_weights(model: Transformer, pre: Pretrained, *, error: type[UserError] = UserError,
+                 where: str | None = None) -> None:  # fmt: skip
+    """Copy ``pre``'s weights into ``model`` (strict): a missing tensor, or a shape the model
+    does not have, raises ``error`` naming it (after ``where``, default the directory)."""
+    where = where or str(pre.path)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(pre.weights))
+    if missing:
+        raise error(f"{where}: missing weights for {', '.join(missing[:5])}")
+    for name, t in expected.items():
+        got = tuple(pre.weights[name].shape)
+        if got != tuple(t.shape):
+            raise error(f"{where}: {name} has shape {got}, the model needs {tuple(t.shape)}")
+    model.load_state_dict(pre.weights, strict=True)
 
 
 def build_model(pre: Pretrained) -> Transformer:
-    """Our Transformer holding ``pre``'s weights (strict: a missing or extra tensor, or a
-    shape that does not fit the config, is an error naming it)."""
+    """Our Transformer holding ``pre``'s weights (see :func:`load_weights`)."""
     with torch.device("meta"):
         model = Transformer(pre.model_cfg)
     model.to_empty(device="cpu")
     model.init_weights()  # ties the head and builds the RoPE tables; weights come next
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(pre.weights))
-    if missing:
-        raise UserError(f"{pre.path}: missing weights for {', '.join(missing[:5])}")
-    for name, t in expected.items():
-        if tuple(pre.weights[name].shape) != tuple(t.shape):
-            raise UserError(f"{pre.path}: {name} has shape {tuple(pre.weights[name].shape)}, "
-                            f"the config needs {tuple(t.shape)}")  # fmt: skip
-    model.load_state_dict(pre.weights, strict=True)
+    load_weights(model, pre)
     return model
 
 
