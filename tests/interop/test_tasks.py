@@ -118,3 +118,21 @@ def test_cloze_items_are_deterministic_and_well_formed(data):
     assert sorted({i.label for i in a.items}) == [0, 1, 2, 3]
     with pytest.raises(UserError, match="too few"):
         mc.cloze_task("short\n" * 50)
+
+
+def test_an_empty_context_is_scored_after_the_document_separator(monkeypatch, model, data):
+    """As lm-eval does: the continuation of an empty context is predicted from the separator
+    (id 0 here), so its first token is scored too: without it there is no position to
+    predict it from."""
+    tok = data.tokenizer
+    seen = []
+    real = mc.loglikelihoods
+
+    def spy(m, reqs, bs):
+        seen.extend(reqs)
+        return real(m, reqs, bs)
+
+    monkeypatch.setattr(mc, "loglikelihoods", spy)
+    task = mc.Task("t", [mc.Item("", ("ROMEO:", "zz qq"), 0)])
+    mc.evaluate_task(model, tok, task)
+    assert seen == [([0], tok.encode(" " + c).ids) for c in task.items[0].choices]

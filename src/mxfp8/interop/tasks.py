@@ -34,6 +34,7 @@ from tokenizers import Tokenizer
 from mxfp8.errors import UserError
 from mxfp8.interop.evaluate import eval_mode
 from mxfp8.train.model import Transformer
+from mxfp8.train.tokenizer import eot_id
 
 TARGET_DELIMITER = " "
 FEWSHOT_DELIMITER = "\n\n"
@@ -168,11 +169,12 @@ def evaluate_task(model: Transformer, tok: Tokenizer, task: Task, *, num_fewshot
     n_items = len(task.items) if limit is None else min(limit, len(task.items))
     if n_items < 1:
         raise UserError("--limit must be >= 1")
+    eot = eot_id(tok)  # an empty context is the document separator, as lm-eval has it
     requests = []
     for i in range(n_items):
         ctx = fewshot_prompt(task, i, num_fewshot, seed)
         for c in task.items[i].choices:
-            requests.append(encode_pair(tok, ctx, task.delimiter + c))
+            requests.append(encode_pair(tok, ctx, task.delimiter + c, eot))
     scores = loglikelihoods(model, requests, batch_size)
     acc, acc_norm = [], []
     k = 0
