@@ -17,6 +17,8 @@ from mxfp8.layers.recipe import (
 
 PRESETS = [
     "bf16",
+    "fp32",
+    "fp16",
     "mxfp8",
     "mxfp8-floor",
     "mxfp8-e5m2-grads",
@@ -53,6 +55,8 @@ def test_loss_scaling_field():
     needs = {n: recipe(n).dynamic_loss_scaling for n in PRESETS}
     assert needs == {
         "bf16": False,
+        "fp32": False,
+        "fp16": True,
         "mxfp8": False,
         "mxfp8-floor": False,
         "mxfp8-e5m2-grads": False,
@@ -128,7 +132,7 @@ def test_per_tensor_formats_must_agree():
 
 
 def test_unknown_names_and_fields():
-    with pytest.raises(ValueError, match="presets: bf16, mxfp8"):
+    with pytest.raises(ValueError, match="presets: bf16, fp32, fp16, mxfp8"):
         recipe("mxfp4")
     with pytest.raises(ValueError, match=r"unknown recipe field\(s\) \['blok_size'\]"):
         Recipe.from_dict({"blok_size": 32})

@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from mxfp8.interop.evaluate import append_evaluation, evaluate_lm
     from mxfp8.interop.source import eval_split, open_model
     from mxfp8.interop.tasks import evaluate_tasks
+    from mxfp8.layers.recipe import recipe as named_recipe
 
     loaded = open_model(args.path, step=args.step, recipe=args.recipe)
     tokens, what = eval_split(loaded, args.data)
@@ -68,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     res = {"source": loaded.source, "recipe": loaded.recipe, "data": what}
     if not args.no_lm:
         lm = evaluate_lm(loaded.model, tokens, loaded.tokenizer, seq_len=seq_len,
-                         batch_size=args.batch_size, max_tokens=args.max_tokens)  # fmt: skip
+                         batch_size=args.batch_size, max_tokens=args.max_tokens,
+                         recipe=named_recipe(loaded.recipe))  # fmt: skip
         res.update(lm)
         bpb = lm["bits_per_byte"]
         print(f"{loaded.source} under {loaded.recipe} on {what}: loss {lm['loss']:.4f}, "

@@ -3,8 +3,8 @@
 The split is cut into consecutive, non-overlapping windows of ``seq_len + 1`` tokens (each
 window predicts its last ``seq_len`` tokens from the ones before, as training does), in order
 from the start, so every token of the evaluated range is predicted exactly once and the result
-does not depend on a seed. The forward runs under bf16 autocast, as the training loop's
-validation does, so ``mxfp8 eval`` of a run's final checkpoint on its validation split agrees
+does not depend on a seed. The forward runs under the recipe's autocast (bf16 unless the
+recipe computes in fp16 or fp32), as the training loop's validation does, so ``mxfp8 eval`` of a run's final checkpoint on its validation split agrees
 with its final validation loss up to the choice of windows.
 
 - ``loss``: mean next-token cross-entropy in nats over the predicted tokens;
@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from mxfp8.errors import UserError
+from mxfp8.layers.recipe import Recipe
+from mxfp8.layers.recipe import recipe as named_recipe
 from mxfp8.train.model import Transformer
 
 
@@ -55,7 +57,7 @@ def _windows(n_tokens: int, seq_len: int, max_tokens: int | None) -> list[int]:
 @torch.no_grad()
 def evaluate_lm(model: Transformer, tokens: np.ndarray, tokenizer: Tokenizer, *, seq_len: int,
                 batch_size: int = 8, max_tokens: int | None = None,
-                autocast: bool = True) -> dict[str, Any]:  # fmt: skip
+                recipe: Recipe | None = None) -> dict[str, Any]:  # fmt: skip
     """Loss, perplexity and bits per byte of ``model`` on the 1-D id array ``tokens``."""
     if seq_len < 1 or seq_len > model.cfg.max_seq_len:
         raise UserError(f"--seq-len must be in [1, {model.cfg.max_seq_len}], got {seq_len}")
@@ -69,7 +71,7 @@ def evaluate_lm(model: Transformer, tokens: np.ndarray, tokenizer: Tokenizer, *,
             rows = np.stack([tokens[s : s + seq_len + 1] for s in starts[b : b + batch_size]])
             batch = torch.from_numpy(rows.astype(np.int64)).to(device)
             x, y = batch[:, :-1], batch[:, 1:]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            with (recipe or named_recipe("bf16")).autocast(device.type):
                 logits, _ = model(x)
             losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
             nll += float(losses)

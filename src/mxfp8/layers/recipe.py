@@ -100,6 +100,25 @@ class SavedInput(enum.StrEnum):
     BF16 = "bf16"
 
 
+class ComputeDtype(enum.StrEnum):
+    """The precision the model computes in (the autocast dtype; master weights stay fp32).
+
+    - ``bf16``: bf16 autocast, as every quantized recipe here is built and tested;
+    - ``fp16``: fp16 autocast; its 5 exponent bits need dynamic loss scaling (derived);
+    - ``fp32``: no autocast, everything in fp32 (the seed's most precise baseline).
+    """
+
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP32 = "fp32"
+
+    @property
+    def torch_dtype(self) -> Any:
+        import torch
+
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.value]
+
+
 class Backend(enum.StrEnum):
     """Which GEMM backend runs quantized matmuls (see :mod:`mxfp8.layers.gemm`).
 
@@ -182,6 +201,9 @@ class Recipe:
     saved_input: SavedInput = SavedInput.MX
     """What MX layers keep of x for backward: mx (the quantized wgrad operand, 8.25 bits per
     element) or bf16 (x in bf16, quantized in backward). MX only."""
+    compute_dtype: ComputeDtype = ComputeDtype.BF16
+    """Autocast precision of the model: bf16, fp16 (unquantized recipes only) or fp32 (no
+    autocast)."""
     description: str = field(default="", compare=False)
     """One line for `mxfp8 recipes`."""
 
@@ -196,13 +218,15 @@ class Recipe:
         put("amax_reduce", _enum(AmaxReduce, self.amax_reduce, "amax_reduce"))
         put("backend", _enum(Backend, self.backend, "backend"))
         put("saved_input", _enum(SavedInput, self.saved_input, "saved_input"))
+        put("compute_dtype", _enum(ComputeDtype, self.compute_dtype, "compute_dtype"))
         for name in ("convert", "keep_high_precision"):
             value = getattr(self, name)
             if isinstance(value, str) or not all(isinstance(p, str) for p in value):
                 raise ValueError(f"recipe field {name} must be a list of fnmatch patterns")
             put(name, tuple(value))
         if self.dynamic_loss_scaling is None:
-            put("dynamic_loss_scaling", self.scaling.per_tensor)
+            fp16 = self.compute_dtype is ComputeDtype.FP16
+            put("dynamic_loss_scaling", self.scaling.per_tensor or fp16)
         self._validate()
 
     def _validate(self) -> None:
@@ -237,6 +261,11 @@ class Recipe:
             raise ValueError(
                 f"backend 'scaled_mm' needs block_size 32 (hardware MX), got {self.block_size}"
             )
+        if self.compute_dtype is ComputeDtype.FP16 and self.quantized:
+            raise ValueError(
+                "compute_dtype 'fp16' is for the unquantized baseline (scaling 'none'): the "
+                "quantized layers are built for bf16 or fp32 outputs"
+            )
         if self.quantize_attention_bmm is not False:
             # the field is reserved: no attention kernel reads it, so accepting True would
             # silently train with bf16 attention BMMs while the recipe claims otherwise
@@ -251,6 +280,14 @@ class Recipe:
     def quantized(self) -> bool:
         return self.scaling is not ScalingKind.NONE
 
+    def autocast(self, device_type: str) -> Any:
+        """The autocast context the model runs its forward in under this recipe (disabled
+        for ``compute_dtype = fp32``)."""
+        import torch
+
+        on = self.compute_dtype is not ComputeDtype.FP32
+        return torch.autocast(device_type, dtype=self.compute_dtype.torch_dtype, enabled=on)
+
     def fmt(self, gemm: str, operand: str) -> Fp8Format:
         """The element format of ``operand`` in ``gemm`` (see GEMM_OPERANDS)."""
         if operand not in GEMM_OPERANDS.get(gemm, ()):
@@ -259,7 +296,8 @@ class Recipe:
 
     def replace(self, **changes: Any) -> Recipe:
         """A copy with some fields changed (validated again)."""
-        if "dynamic_loss_scaling" not in changes and "scaling" in changes:
+        derives = {"scaling", "compute_dtype"}
+        if "dynamic_loss_scaling" not in changes and derives & set(changes):
             changes["dynamic_loss_scaling"] = None  # re-derive from the new scaling kind
         return dataclasses.replace(self, **changes)
 
@@ -301,6 +339,16 @@ _GRADS_E5M2 = {"dgrad_grad_output": _E5, "wgrad_grad_output": _E5}
 
 _PRESETS: dict[str, dict[str, Any]] = {
     "bf16": dict(scaling=ScalingKind.NONE, description="no quantization: the bf16 baseline"),
+    "fp32": dict(
+        scaling=ScalingKind.NONE,
+        compute_dtype=ComputeDtype.FP32,
+        description="no quantization, no autocast: everything in fp32",
+    ),
+    "fp16": dict(
+        scaling=ScalingKind.NONE,
+        compute_dtype=ComputeDtype.FP16,
+        description="no quantization, fp16 autocast with dynamic loss scaling",
+    ),
     "mxfp8": dict(
         scaling=ScalingKind.MX,
         description="the paper: MX blocks of 32, E4M3 everywhere, rceil scales",

@@ -27,6 +27,8 @@ import torch
 from torch import nn
 
 from mxfp8.fileio import write_text_atomically
+from mxfp8.layers.recipe import Recipe
+from mxfp8.layers.recipe import recipe as named_recipe
 from mxfp8.layers.scratch import pool_nbytes
 from mxfp8.parallel import LOCAL, Comm, DistEnv
 from mxfp8.stats import divergence, telemetry
@@ -66,16 +68,21 @@ def _auto_hooks(cfg: TrainConfig, run_dir: Path) -> list[TrainHook]:
     return [h for h in made if h is not None]
 
 
+BF16 = named_recipe("bf16")
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, device: torch.device, comm: Comm = LOCAL) -> float:
-    """Mean validation loss over fixed batches (bf16 autocast, as in training); in a
+def evaluate(model: nn.Module, batches, device: torch.device, comm: Comm = LOCAL,
+             recipe: Recipe | None = None) -> float:  # fmt: skip
+    """Mean validation loss over fixed batches (under the recipe's autocast, as in training:
+    bf16 when no recipe is given); in a
     distributed run each rank holds its slice of every batch and the result is the mean over
     the ranks, i.e. over the whole batches."""
     was_training = model.training
     model.eval()
     total = 0.0
     for x, y in batches:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with (recipe or BF16).autocast(device.type):
             _, loss = model(x.to(device), y.to(device))
         total += float(loss)
     model.train(was_training)
@@ -220,7 +227,7 @@ def train(cfg: TrainConfig, *, hooks: list[TrainHook] | tuple = ()) -> RunResult
                 metrics["tokens_per_s"] = window_tokens / max(window_time, 1e-9)
                 guard.check(s, metrics, log.message)
                 if step == run.steps or (run.eval_every and step % run.eval_every == 0):
-                    val_loss = evaluate(forward, s.val_batches, s.device, comm)
+                    val_loss = evaluate(forward, s.val_batches, s.device, comm, s.recipe)
                     metrics.update(val_loss=val_loss, val_ppl=perplexity(val_loss))
                     log.message(f"step {step}: val_loss {val_loss:.4f}, "
                                 f"val_ppl {perplexity(val_loss):.2f}")  # fmt: skip

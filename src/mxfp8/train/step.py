@@ -3,7 +3,7 @@
 In order: set the lr of this step; open the step window (the MX layers quantize each weight
 once for all micro-batches, none kept when there is one, and delayed scaling advances its
 history once); for each
-micro-batch, forward under bf16 autocast and backward of the scaled loss; close the window;
+micro-batch, forward under the recipe's autocast (bf16 unless it says fp16 or fp32) and backward of the scaled loss; close the window;
 unscale; measure the global gradient norm; then either step AdamW on the fp32 master weights
 (after per-module and global clipping), or, when the loss or a gradient is Inf/NaN, skip the
 update (a NaN update would destroy the master weights) and let the loss scaler back off.
@@ -58,7 +58,7 @@ def run_step(s: Session, step: int, forward: nn.Module) -> dict[str, Any]:
             x, y = micro_batch(s, step, micro)
             later = no_sync is not None and micro < accum - 1
             with no_sync() if later else contextlib.nullcontext():
-                with torch.autocast(s.device.type, dtype=torch.bfloat16):
+                with s.recipe.autocast(s.device.type):
                     _, loss = forward(x, y)
                 loss_sum += float(loss.detach())
                 s.scaler.scale_loss(loss / accum if accum > 1 else loss).backward()
@@ -126,7 +126,7 @@ def first_nonfinite_module(s: Session, step: int) -> str | None:
     handles = [m.register_forward_hook(check(n)) for n, m in s.model.named_modules()]
     try:
         x, y = micro_batch(s, step, 0)
-        with torch.no_grad(), torch.autocast(s.device.type, dtype=torch.bfloat16):
+        with torch.no_grad(), s.recipe.autocast(s.device.type):
             s.model(x, y)
     finally:
         for h in handles:
