@@ -3,9 +3,10 @@
 The split is cut into consecutive, non-overlapping windows of ``seq_len + 1`` tokens (each
 window predicts its last ``seq_len`` tokens from the ones before, as training does), in order
 from the start, so every token of the evaluated range is predicted exactly once and the result
-does not depend on a seed. The forward runs under the recipe's autocast (bf16 unless the
-recipe computes in fp16 or fp32), as the training loop's validation does, so ``mxfp8 eval``
-of a run's final checkpoint on its validation split agrees with its final validation loss up to the choice of windows.
+does not depend on a seed. The forward runs under the recipe's autocast (bf16 unless the recipe
+computes in fp16 or fp32), as the training loop's validation does, so ``mxfp8 eval`` of a run's
+final checkpoint on its validation split agrees with its final validation loss up to the choice
+of windows.
 
 - ``loss``: mean next-token cross-entropy in nats over the predicted tokens;
 - ``perplexity``: ``exp(loss)``;

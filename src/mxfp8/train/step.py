@@ -1,11 +1,12 @@
 """One optimizer step, and what happens when its numbers are not finite.
 
-In order: set the lr of this step; open the step window (the MX layers quantize each weight
-once for all micro-batches, none kept when there is one, and delayed scaling advances its
-history once); for each micro-batch, forward under the recipe's autocast (bf16 unless it
-says fp16 or fp32) and backward of the scaled loss; close the window; unscale; measure the global gradient norm; then either step AdamW on the fp32 master weights
-(after per-module and global clipping), or, when the loss or a gradient is Inf/NaN, skip the
-update (a NaN update would destroy the master weights) and let the loss scaler back off.
+In order: set the lr of this step; open the step window (the MX layers quantize each weight once
+for all micro-batches, none kept when there is one, and delayed scaling advances its history
+once); for each micro-batch, forward under the recipe's autocast (bf16 unless it says fp16 or
+fp32) and backward of the scaled loss; close the window; unscale; measure the global gradient
+norm; then either step AdamW on the fp32 master weights (after per-module and global clipping),
+or, when the loss or a gradient is Inf/NaN, skip the update (a NaN update would destroy the
+master weights) and let the loss scaler back off.
 
 A skipped step is *flagged* (``metrics["nonfinite"]``, an event in ``events.jsonl``, a line on
 the terminal) unless it is the routine overflow of dynamic loss scaling; after
