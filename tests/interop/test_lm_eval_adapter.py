@@ -1,5 +1,5 @@
 """The lm-eval adapter: a local multiple-choice task run through lm-eval's own evaluator with
-the ``mxfp8`` model gives the same acc and acc_norm as ``mxfp8 eval --tasks``."""
+the ``mxfp8`` model gives the same acc, acc_norm and acc_mutual_info as ``mxfp8 eval --tasks``."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ doc_to_target: "{{{{label}}}}"
 metric_list:
   - metric: acc
   - metric: acc_norm
+  - metric: acc_mutual_info
 """
 
 
@@ -71,6 +72,7 @@ def test_lm_eval_scores_equal_mxfp8_eval(tmp_path, data_cache, monkeypatch, caps
     assert theirs["acc,none"] == pytest.approx(ours["acc"])
     assert theirs["acc_norm,none"] == pytest.approx(ours["acc_norm"])
     assert theirs["acc_stderr,none"] == pytest.approx(ours["acc_stderr"])
+    assert theirs["acc_mutual_info,none"] == pytest.approx(ours["acc_mutual_info"])
     assert ours["items"] == 4 and 0 < ours["acc"]
     # the documented command line: lm-eval's own CLI, with the model registered
     import os
@@ -94,6 +96,10 @@ def test_lm_eval_scores_equal_mxfp8_eval(tmp_path, data_cache, monkeypatch, caps
         item = items[sample["doc_id"]]
         want = mc.loglikelihoods(model.loaded.model, [mc.encode_pair(tok, item["context"], " " + c)
                                                       for c in item["choices"]])  # fmt: skip
+        # acc_mutual_info: each choice again after the empty context (the separator)
+        want += mc.loglikelihoods(model.loaded.model, [mc.encode_pair(tok, "", " " + c,
+                                                                      mc.eot_id(tok))
+                                                       for c in item["choices"]])  # fmt: skip
         got = [float(r[0]) for r in sample["filtered_resps"]]
         assert got == pytest.approx([w for w, _ in want], abs=1e-5)
 

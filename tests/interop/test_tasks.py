@@ -1,5 +1,5 @@
-"""Multiple-choice scoring as lm-eval scores it: the request split, the sums, acc and
-acc_norm with their standard errors, the task file format, and the built-in cloze task."""
+"""Multiple-choice scoring as lm-eval scores it: the request split, the sums, acc, acc_norm
+and acc_mutual_info with their standard errors, the task file format, and the built-in cloze task."""
 
 from __future__ import annotations
 
@@ -65,19 +65,34 @@ def test_batched_scores_equal_one_forward_per_request(model, data):
         assert ll == pytest.approx(want, abs=1e-4)
 
 
-def test_acc_and_acc_norm_and_their_standard_errors(monkeypatch, model, data):
-    # fixed scores: item 1 is right under acc, item 2 under acc_norm only, item 3 under both
-    scores = iter([-2.0, -4.0, -2.0, -4.0, -9.0, -1.0])
-    monkeypatch.setattr(mc, "loglikelihoods", lambda m, reqs, bs: [(next(scores), False)
-                                                                   for _ in reqs])  # fmt: skip
+def test_acc_acc_norm_mutual_info_and_their_standard_errors(monkeypatch, model, data):
+    # fixed scores: item 1 is right under acc, item 2 under acc_norm only, item 3 under both;
+    # the unconditional scores flip item 1 under acc_mutual_info
+    prior = {"a": -1.0, "aaa": -1.0, "b": -5.0, "bbbb": -6.0}
+    cond = iter([-2.0, -4.0, -2.0, -4.0, -9.0, -1.0])
+    seen = []
+
+    def fake(m, reqs, bs):
+        seen.append(reqs)
+        if len(seen) == 1:  # the distinct choices after the empty context, in sorted order
+            return [(prior[c], False) for c in sorted(prior)]
+        return [(next(cond), False) for _ in reqs]
+
+    monkeypatch.setattr(mc, "loglikelihoods", fake)
     task = mc.Task("t", [mc.Item("x", ("a", "bbbb"), 0), mc.Item("y", ("a", "bbbb"), 1),
                          mc.Item("z", ("aaa", "b"), 1)])  # fmt: skip
-    r = mc.evaluate_task(model, data.tokenizer, task)
-    acc, acc_norm = [1, 0, 1], [0, 1, 1]  # norm: -2/1 < -4/4; -9/3 < -1/1
-    assert r["acc"] == pytest.approx(2 / 3) and r["acc_norm"] == pytest.approx(2 / 3)
-    for key, hits in (("acc_stderr", acc), ("acc_norm_stderr", acc_norm)):
+    tok = data.tokenizer
+    r = mc.evaluate_task(model, tok, task)
+    eot = mc.eot_id(tok)
+    assert seen[0] == [([eot], tok.encode(" " + c).ids) for c in sorted(prior)]
+    assert seen[1][0] == mc.encode_pair(tok, "x", " a")
+    # norm: -2/1 < -4/4; -9/3 < -1/1. mutual info: -2+1 < -4+6; -2+1 < -4+6; -9+1 < -1+5
+    want = {"acc": [1, 0, 1], "acc_norm": [0, 1, 1], "acc_mutual_info": [0, 1, 1]}
+    for key, hits in want.items():
         m = sum(hits) / 3
-        assert r[key] == pytest.approx(math.sqrt(sum((h - m) ** 2 for h in hits) / 2 / 3))
+        assert r[key] == pytest.approx(m)
+        se = math.sqrt(sum((h - m) ** 2 for h in hits) / 2 / 3)
+        assert r[f"{key}_stderr"] == pytest.approx(se)
     assert r["chance"] == 0.5
 
 
@@ -135,4 +150,5 @@ def test_an_empty_context_is_scored_after_the_document_separator(monkeypatch, mo
     monkeypatch.setattr(mc, "loglikelihoods", spy)
     task = mc.Task("t", [mc.Item("", ("ROMEO:", "zz qq"), 0)])
     mc.evaluate_task(model, tok, task)
-    assert seen == [([0], tok.encode(" " + c).ids) for c in task.items[0].choices]
+    # the conditional requests (after the unconditional ones, which here are the same)
+    assert seen[-2:] == [([0], tok.encode(" " + c).ids) for c in task.items[0].choices]

@@ -172,7 +172,8 @@ def print_table(out: str | Path) -> None:
 
 
 def _print_task_scores(out: str | Path) -> None:
-    """acc / acc_norm (+- standard error) of each run's latest task evaluation, if any."""
+    """acc / acc_norm / acc_mutual_info (+- standard error) of each run's latest task
+    evaluation, if any."""
     from mxfp8.report.html import eval_rows
     from mxfp8.report.loader import load_runs
 
@@ -182,7 +183,9 @@ def _print_task_scores(out: str | Path) -> None:
             latest[str(row["run"])] = row
     for run, row in latest.items():
         scores = ", ".join(
-            f"{k} acc {v[0]:.3f} +- {v[1]:.3f} (acc_norm {v[2]:.3f} +- {v[3]:.3f}, {v[4]} items)"
+            f"{k} acc {v[0]:.3f} +- {v[1]:.3f} (acc_norm {v[2]:.3f} +- {v[3]:.3f}"
+            + ("" if v[5] is None else f", acc_mutual_info {v[5]:.3f} +- {v[6]:.3f}")
+            + f", {v[4]} items)"
             for k, v in row.items()
             if isinstance(v, tuple)
         )

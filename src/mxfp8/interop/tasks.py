@@ -9,6 +9,11 @@ context's. The score of a choice is the summed log-probability of its continuati
 
 - ``acc``: the share of items whose highest-scoring choice is the label;
 - ``acc_norm``: the same with each score divided by the choice's length in characters;
+- ``acc_mutual_info``: the same with each score minus the choice's unconditional score (its
+  continuation after an empty context, i.e. the document separator), lm-eval's metric of that
+  name: how much more likely the context makes each choice. A model that ranks choices by
+  their own fluency scores chance on it; the built-in ``cloze`` task, whose choices are all
+  real lines of the corpus, is read by this metric;
 - each with its standard error, ``std(ddof=1) / sqrt(n)`` of the per-item 0/1 outcomes, as
   lm-eval reports it.
 
@@ -175,26 +180,32 @@ def evaluate_task(model: Transformer, tok: Tokenizer, task: Task, *, num_fewshot
         ctx = fewshot_prompt(task, i, num_fewshot, seed)
         for c in task.items[i].choices:
             requests.append(encode_pair(tok, ctx, task.delimiter + c, eot))
+    # each distinct choice once after the empty context, for acc_mutual_info
+    distinct = sorted({c for i in range(n_items) for c in task.items[i].choices})
+    uncond = loglikelihoods(model, [encode_pair(tok, "", task.delimiter + c, eot)
+                                    for c in distinct], batch_size)  # fmt: skip
+    prior = {c: u[0] for c, u in zip(distinct, uncond, strict=True)}
     scores = loglikelihoods(model, requests, batch_size)
-    acc, acc_norm = [], []
+    hits: dict[str, list[float]] = {"acc": [], "acc_norm": [], "acc_mutual_info": []}
     k = 0
     for i in range(n_items):
         item = task.items[i]
         lls = [scores[k + j][0] for j in range(len(item.choices))]
         k += len(item.choices)
-        norm = [ll / len(c) for ll, c in zip(lls, item.choices, strict=True)]
-        acc.append(float(max(range(len(lls)), key=lls.__getitem__) == item.label))
-        acc_norm.append(float(max(range(len(norm)), key=norm.__getitem__) == item.label))
-    return {
-        "task": task.name,
-        "items": n_items,
-        "num_fewshot": num_fewshot,
-        "acc": sum(acc) / n_items,
-        "acc_stderr": _stderr(acc),
-        "acc_norm": sum(acc_norm) / n_items,
-        "acc_norm_stderr": _stderr(acc_norm),
-        "chance": sum(1 / len(task.items[i].choices) for i in range(n_items)) / n_items,
-    }
+        ranked = {
+            "acc": lls,
+            "acc_norm": [ll / len(c) for ll, c in zip(lls, item.choices, strict=True)],
+            "acc_mutual_info": [ll - prior[c] for ll, c in zip(lls, item.choices, strict=True)],
+        }
+        for metric, values in ranked.items():
+            best = max(range(len(values)), key=values.__getitem__)
+            hits[metric].append(float(best == item.label))
+    out: dict[str, Any] = {"task": task.name, "items": n_items, "num_fewshot": num_fewshot}
+    for metric, h in hits.items():
+        out[metric] = sum(h) / n_items
+        out[f"{metric}_stderr"] = _stderr(h)
+    out["chance"] = sum(1 / len(task.items[i].choices) for i in range(n_items)) / n_items
+    return out
 
 
 # --- the built-in task: cloze over held-out lines --------------------------------------------

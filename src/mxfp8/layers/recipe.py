@@ -119,6 +119,43 @@ class ComputeDtype(enum.StrEnum):
         return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.value]
 
 
+class WeightBlock(enum.StrEnum):
+    """The shape of the weight's MX blocks (MX recipes with block_size 32).
+
+    - ``1x32``: blocks of 32 along each GEMM's reduction dim, as for every operand: W is
+      quantized twice (along K for fprop, along N for dgrad), each copy from fp32;
+    - ``32x32``: one E8M0 scale per 32x32 tile of W, so W and W^T quantize to the same values
+      and one quantized copy serves fprop and dgrad (TransformerEngine's and torchao's 2-D
+      weight blocks). A tile's scale follows its largest element, so small rows of a tile lose
+      precision against 1x32.
+    """
+
+    ROW = "1x32"
+    TILE = "32x32"
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """A per-layer recipe: linear layers whose fqn matches ``pattern`` (fnmatch) use the
+    preset ``recipe`` instead (``bf16``: kept in high precision)."""
+
+    pattern: str
+    recipe: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise ValueError(f"recipe override: pattern must be a non-empty fnmatch pattern, "
+                             f"got {self.pattern!r}")  # fmt: skip
+        if self.recipe not in _PRESETS:
+            raise ValueError(f"recipe override {self.pattern!r}: unknown recipe "
+                             f"{self.recipe!r}; presets: {', '.join(_PRESETS)}")  # fmt: skip
+        r = _PRESETS[self.recipe]
+        if r.get("compute_dtype", ComputeDtype.BF16) is not ComputeDtype.BF16:
+            raise ValueError(f"recipe override {self.pattern!r}: {self.recipe!r} changes the "
+                             "compute dtype, which is the model's, not a layer's; use 'bf16' "
+                             "to keep layers in high precision")  # fmt: skip
+
+
 class Backend(enum.StrEnum):
     """Which GEMM backend runs quantized matmuls (see :mod:`mxfp8.layers.gemm`).
 
@@ -204,6 +241,30 @@ class Recipe:
     compute_dtype: ComputeDtype = ComputeDtype.BF16
     """Autocast precision of the model: bf16, fp16 (unquantized recipes only) or fp32 (no
     autocast)."""
+    hp_gemms: tuple[str, ...] = ()
+    """GEMMs computed in high precision (the compute dtype) from unquantized operands, e.g.
+    ("wgrad",): torchao's wgrad_with_hp. MX and rowwise recipes only."""
+    weight_block: WeightBlock = WeightBlock.ROW
+    """Shape of the weight's MX blocks: 1x32, or 32x32 tiles (one copy for fprop and dgrad)."""
+    overrides: tuple[LayerOverride, ...] = ()
+    """Per-layer recipes by fqn pattern (the first matching override wins), e.g.
+    [[recipe.overrides]] pattern = "layers.0.*", recipe = "bf16"."""
+    keep_first_blocks: int = 0
+    """Keep the linears of the first N transformer blocks (``layers.<i>``) in bf16."""
+    keep_last_blocks: int = 0
+    """Keep the linears of the last N transformer blocks in bf16 (the NVFP4 guide keeps the
+    last ~15 %; Megatron's --first-last-layers-bf16)."""
+    adaptive: bool = False
+    """Switch a layer to bf16 for the rest of the run when its quantized operands cross the
+    thresholds below at a telemetry step, or when the divergence detector names it."""
+    adaptive_max_saturated_pct: float = 0.5
+    """Adaptive: the most % of saturated elements an operand may have."""
+    adaptive_max_underflow_pct: float = 5.0
+    """Adaptive: the most % of nonzero elements an operand may flush to zero."""
+    adaptive_min_sqnr_db: float = 20.0
+    """Adaptive: the least SQNR (dB) an operand may have."""
+    adaptive_on_divergence: bool = True
+    """Adaptive: also switch the layers a divergence event names first."""
     description: str = field(default="", compare=False)
     """One line for `mxfp8 recipes`."""
 
@@ -219,6 +280,24 @@ class Recipe:
         put("backend", _enum(Backend, self.backend, "backend"))
         put("saved_input", _enum(SavedInput, self.saved_input, "saved_input"))
         put("compute_dtype", _enum(ComputeDtype, self.compute_dtype, "compute_dtype"))
+        put("weight_block", _enum(WeightBlock, self.weight_block, "weight_block"))
+        if isinstance(self.hp_gemms, str):
+            raise ValueError(f"recipe field hp_gemms must be a list of GEMM names, "
+                             f"got {self.hp_gemms!r}")  # fmt: skip
+        put("hp_gemms", tuple(self.hp_gemms))
+        over = []
+        for o in self.overrides:
+            if isinstance(o, dict):
+                unknown = sorted(set(o) - {"pattern", "recipe"})
+                if unknown or set(o) != {"pattern", "recipe"}:
+                    raise ValueError(f"recipe override {o!r}: needs exactly 'pattern' and "
+                                     "'recipe'")  # fmt: skip
+                o = LayerOverride(**o)
+            elif not isinstance(o, LayerOverride):
+                raise ValueError(f"recipe overrides must be tables of pattern and recipe, "
+                                 f"got {o!r}")  # fmt: skip
+            over.append(o)
+        put("overrides", tuple(over))
         for name in ("convert", "keep_high_precision"):
             value = getattr(self, name)
             if isinstance(value, str) or not all(isinstance(p, str) for p in value):
@@ -226,7 +305,8 @@ class Recipe:
             put(name, tuple(value))
         if self.dynamic_loss_scaling is None:
             fp16 = self.compute_dtype is ComputeDtype.FP16
-            put("dynamic_loss_scaling", self.scaling.per_tensor or fp16)
+            per_tensor = any(recipe(o.recipe).dynamic_loss_scaling for o in self.overrides)
+            put("dynamic_loss_scaling", self.scaling.per_tensor or fp16 or per_tensor)
         self._validate()
 
     def _validate(self) -> None:
@@ -261,6 +341,29 @@ class Recipe:
             raise ValueError(
                 f"backend 'scaled_mm' needs block_size 32 (hardware MX), got {self.block_size}"
             )
+        bad = [g for g in self.hp_gemms if g not in GEMMS]
+        if bad or len(set(self.hp_gemms)) != len(self.hp_gemms):
+            raise ValueError(f"recipe field hp_gemms={list(self.hp_gemms)!r}: each of "
+                             f"{', '.join(GEMMS)} at most once")  # fmt: skip
+        if self.hp_gemms and self.scaling is not ScalingKind.MX:
+            raise ValueError(f"hp_gemms is for MX recipes, not {self.scaling.value} scaling")
+        if self.weight_block is WeightBlock.TILE and (
+            self.scaling is not ScalingKind.MX or self.block_size != 32
+        ):
+            raise ValueError("weight_block '32x32' is for MX recipes with block_size 32")
+        for name in ("keep_first_blocks", "keep_last_blocks"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"recipe field {name} must be an int >= 0, got {v!r}")
+        if self.adaptive and self.scaling is not ScalingKind.MX:
+            raise ValueError("adaptive is for MX recipes (it reads their operand telemetry)")
+        for name, lo, hi in (("adaptive_max_saturated_pct", 0, 100),
+                             ("adaptive_max_underflow_pct", 0, 100),
+                             ("adaptive_min_sqnr_db", -1000, 1000)):  # fmt: skip
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
+                raise ValueError(f"recipe field {name} must be a number in [{lo}, {hi}], "
+                                 f"got {v!r}")  # fmt: skip
         if self.compute_dtype is ComputeDtype.FP16 and self.quantized:
             raise ValueError(
                 "compute_dtype 'fp16' is for the unquantized baseline (scaling 'none'): the "
@@ -310,7 +413,8 @@ class Recipe:
             if isinstance(value, enum.Enum):
                 value = value.value
             elif isinstance(value, tuple):
-                value = list(value)
+                value = [dataclasses.asdict(v) if isinstance(v, LayerOverride) else v
+                         for v in value]  # fmt: skip
             out[f.name] = value
         return out
 

@@ -153,7 +153,8 @@ def eval_rows(runs: Sequence[RunData]) -> list[dict[str, object]]:
                                       "bits_per_byte": e.get("bits_per_byte")}  # fmt: skip
             for name, t in (e.get("tasks") or {}).items():
                 row[name] = (t.get("acc"), t.get("acc_stderr"), t.get("acc_norm"),
-                             t.get("acc_norm_stderr"), t.get("items"))  # fmt: skip
+                             t.get("acc_norm_stderr"), t.get("items"),
+                             t.get("acc_mutual_info"), t.get("acc_mutual_info_stderr"))  # fmt: skip
             rows.append(row)
     return rows
 
@@ -165,7 +166,7 @@ def _evaluations(runs: Sequence[RunData]) -> str:
     base = ("run", "recipe", "data", "loss", "perplexity", "bits_per_byte")
     tasks = sorted({k for r in rows for k in r if k not in base})
     names = ("run", "evaluated under", "data", "loss", "ppl", "bits/byte",
-             *(f"{t} acc / acc_norm" for t in tasks))  # fmt: skip
+             *(f"{t} acc / acc_norm / acc_mutual_info" for t in tasks))  # fmt: skip
     head = "".join(f"<th>{html.escape(h)}</th>" for h in names)
     body = []
     for r in rows:
@@ -173,9 +174,12 @@ def _evaluations(runs: Sequence[RunData]) -> str:
         cells += [_fmt(r.get(k)) for k in ("loss", "perplexity", "bits_per_byte")]  # type: ignore[arg-type]
         for t in tasks:
             v = r.get(t)
-            cells.append("-" if v is None else
-                         f"{v[0]:.3f} &plusmn; {v[1]:.3f} / {v[2]:.3f} &plusmn; {v[3]:.3f} "
-                         f"({v[4]} items)")  # fmt: skip
+            if v is None:
+                cells.append("-")
+                continue
+            mi = "-" if v[5] is None else f"{v[5]:.3f} &plusmn; {v[6]:.3f}"
+            cells.append(f"{v[0]:.3f} &plusmn; {v[1]:.3f} / {v[2]:.3f} &plusmn; {v[3]:.3f} / "
+                         f"{mi} ({v[4]} items)")  # fmt: skip
         body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return ("<h2>Evaluations</h2>\n<table><tr>" + head + "</tr>" + "".join(body) + "</table>"
             '\n<p class="note">From each run\'s eval.json (<code>mxfp8 eval</code>): loss in '
