@@ -1,5 +1,6 @@
 """Multiple-choice scoring as lm-eval scores it: the request split, the sums, acc, acc_norm
-and acc_mutual_info with their standard errors, the task file format, and the built-in cloze task."""
+and acc_mutual_info with their standard errors, the task file format, and the built-in
+cloze task."""
 
 from __future__ import annotations
 

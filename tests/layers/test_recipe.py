@@ -7,6 +7,7 @@ import tomllib
 import pytest
 
 from mxfp8.layers.recipe import (
+    FORMAT_FIELDS,
     AmaxReduce,
     Fp8Format,
     Recipe,
@@ -22,7 +23,12 @@ PRESETS = [
     "mxfp8",
     "mxfp8-floor",
     "mxfp8-e5m2-grads",
+    "mxfp8-wgrad-hp",
+    "mxfp8-2d-weight",
+    "mxfp8-adaptive",
     "fp8-tensorwise",
+    "fp8-rowwise",
+    "fp8-rowwise-gw-hp",
     "fp8-delayed",
     "fp8-delayed-ema",
 ]
@@ -48,6 +54,10 @@ def test_preset_contents():
     d = recipe("fp8-delayed")
     assert d.history_len == 16 and d.amax_reduce is AmaxReduce.MAX
     assert recipe("fp8-delayed-ema").amax_reduce is AmaxReduce.EMA
+    rw = recipe("fp8-rowwise")
+    assert rw.scaling is ScalingKind.ROWWISE and not rw.scaling.per_tensor and rw.hp_gemms == ()
+    assert {getattr(rw, f) for f in FORMAT_FIELDS} == {Fp8Format.E4M3}
+    assert recipe("fp8-rowwise-gw-hp").hp_gemms == ("wgrad",)
     assert not recipe("bf16").quantized
 
 
@@ -60,7 +70,12 @@ def test_loss_scaling_field():
         "mxfp8": False,
         "mxfp8-floor": False,
         "mxfp8-e5m2-grads": False,
+        "mxfp8-wgrad-hp": False,
+        "mxfp8-2d-weight": False,
+        "mxfp8-adaptive": False,
         "fp8-tensorwise": True,
+        "fp8-rowwise": False,
+        "fp8-rowwise-gw-hp": False,
         "fp8-delayed": True,
         "fp8-delayed-ema": True,
     }
@@ -84,7 +99,10 @@ def test_dict_round_trip(name):
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_toml_round_trip(name):
-    r = recipe(name, block_size=16, keep_high_precision=["a.*", 'q"uote'])
+    tiles = recipe(name).weight_block == "32x32"  # 2-D tiles are 32x32 only
+    over = [{"pattern": "layers.0.*", "recipe": "bf16"}]
+    r = recipe(name, block_size=32 if tiles else 16, keep_high_precision=["a.*", 'q"uote'],
+               overrides=over, keep_last_blocks=1)  # fmt: skip
     text = r.to_toml()
     assert tomllib.loads(text) == r.to_dict()
     assert Recipe.from_toml(text) == r
@@ -140,13 +158,23 @@ def test_unknown_names_and_fields():
         recipe("mxfp8").fmt("wgrad", "weight")
 
 
-@pytest.mark.parametrize("name", ["mxfp8", "fp8-delayed", "bf16"])
-def test_quantize_attention_bmm_is_rejected_until_implemented(name):
-    """Accepting it would train with bf16 attention BMMs while the recipe says otherwise."""
-    with pytest.raises(ValueError, match="quantize_attention_bmm=True.*not implemented yet"):
+def test_quantize_attention_bmm_is_accepted_for_mx_recipes():
+    r = recipe("mxfp8", quantize_attention_bmm=True)
+    assert r.quantize_attention_bmm is True
+    assert Recipe.from_dict(r.to_dict()) == r
+    assert Recipe.from_toml(r.to_toml()) == r and "quantize_attention_bmm = true" in r.to_toml()
+    assert recipe("mxfp8-floor").replace(quantize_attention_bmm=True).quantize_attention_bmm
+    assert recipe("mxfp8", quantize_attention_bmm=False).quantize_attention_bmm is False
+
+
+@pytest.mark.parametrize("name", ["fp8-delayed", "fp8-tensorwise", "fp8-rowwise", "bf16"])
+def test_quantize_attention_bmm_is_refused_for_other_scalings(name):
+    """Its BMMs are MX-quantized: another scaling would claim what does not run."""
+    match = "quantize_attention_bmm=True is for MX recipes"
+    with pytest.raises(ValueError, match=match):
         recipe(name, quantize_attention_bmm=True)
     data = {**recipe(name).to_dict(), "quantize_attention_bmm": True}
-    with pytest.raises(ValueError, match="not implemented yet"):
+    with pytest.raises(ValueError, match=match):
         Recipe.from_dict(data)
     text = (
         recipe(name)
@@ -154,10 +182,12 @@ def test_quantize_attention_bmm_is_rejected_until_implemented(name):
         .replace("quantize_attention_bmm = false", "quantize_attention_bmm = true")
     )
     assert "quantize_attention_bmm = true" in text
-    with pytest.raises(ValueError, match="not implemented yet"):
+    with pytest.raises(ValueError, match=match):
         Recipe.from_toml(text)
-    with pytest.raises(ValueError, match="not implemented yet"):
+    with pytest.raises(ValueError, match=match):
         recipe(name).replace(quantize_attention_bmm=True)
+    with pytest.raises(ValueError, match="must be true or false"):
+        recipe("mxfp8", quantize_attention_bmm="yes")
     assert recipe(name, quantize_attention_bmm=False).quantize_attention_bmm is False
 
 
@@ -165,3 +195,9 @@ def test_frozen():
     r = recipe("mxfp8")
     with pytest.raises(AttributeError):
         r.block_size = 16  # type: ignore[misc]
+
+
+def test_hp_gemms_for_mx_and_rowwise_only():
+    assert recipe("fp8-rowwise", hp_gemms=["fprop"]).hp_gemms == ("fprop",)
+    with pytest.raises(ValueError, match="hp_gemms is for MX and rowwise"):
+        recipe("fp8-tensorwise", hp_gemms=("wgrad",))

@@ -48,10 +48,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def _print_tasks(results: dict) -> None:
     for name, r in results.items():
-        print(f"  {name}: acc {r['acc']:.4f} +- {r['acc_stderr']:.4f}, acc_norm "
-              f"{r['acc_norm']:.4f} +- {r['acc_norm_stderr']:.4f}, acc_mutual_info "
-              f"{r['acc_mutual_info']:.4f} +- {r['acc_mutual_info_stderr']:.4f} "
-              f"({r['items']} items, {r['num_fewshot']}-shot; chance {r['chance']:.2f})")  # fmt: skip
+        print(
+            f"  {name}: acc {r['acc']:.4f} +- {r['acc_stderr']:.4f}, acc_norm "
+            f"{r['acc_norm']:.4f} +- {r['acc_norm_stderr']:.4f}, acc_mutual_info "
+            f"{r['acc_mutual_info']:.4f} +- {r['acc_mutual_info_stderr']:.4f} "
+            f"({r['items']} items, {r['num_fewshot']}-shot; chance {r['chance']:.2f})"
+        )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -30,7 +30,9 @@ def _formats(r: Recipe) -> str:
         return "-"
     short = {"e4m3": "E4", "e5m2": "E5"}
     return " ".join(
-        f"{g}:{short[getattr(r, f'{g}_{a}').value]}/{short[getattr(r, f'{g}_{b}').value]}"
+        f"{g}:hp"
+        if g in r.hp_gemms
+        else f"{g}:{short[getattr(r, f'{g}_{a}').value]}/{short[getattr(r, f'{g}_{b}').value]}"
         for g, (a, b) in (
             ("fprop", ("input", "weight")),
             ("dgrad", ("grad_output", "weight")),
@@ -41,7 +43,10 @@ def _formats(r: Recipe) -> str:
 
 def _scaling(r: Recipe) -> str:
     if r.scaling is ScalingKind.MX:
-        return f"mx/{r.block_size} {r.scale_rule.value}"
+        tiles = " W:32x32" if r.weight_block.value == "32x32" else ""
+        return f"mx/{r.block_size} {r.scale_rule.value}{tiles}"
+    if r.scaling is ScalingKind.NONE:
+        return f"none ({r.compute_dtype.value})"
     if r.scaling is ScalingKind.DELAYED:
         return f"delayed {r.amax_reduce.value}/{r.history_len}"
     return r.scaling.value

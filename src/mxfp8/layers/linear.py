@@ -30,7 +30,8 @@ version counter and storage pointer, which catches a replaced parameter and trac
 updates, not ``.data`` writes. ``weight_quantizations`` counts every quantized weight copy
 made, cached or not: MX makes two (W along K for fprop, W^T along N for dgrad) per window, or
 per forward+backward outside one (with ``compile_quantize`` on CPU a window's first forward
-makes both at once); per-tensor recipes make one per window, or one per forward.
+makes both at once); per-tensor recipes make one per window, or one per forward; rowwise
+recipes two, as MX (:mod:`mxfp8.layers.rowwise_function`).
 The cached copies are FP8 codes plus E8M0 scales, dequantized at each use (what a layer keeps,
 and in which form, is listed in :mod:`mxfp8.layers.mx_function`; ``weight_cache_nbytes()``
 says what the cache holds now). ``cache_weights = False`` turns the cache off inside windows
@@ -45,8 +46,9 @@ per call, with ``gemm`` in {"fprop", "dgrad", "wgrad"}, ``operand`` in {"input",
 "grad_output"}, ``hp`` the high-precision 2-D tensor as the layer holds it (x as [tokens, in],
 W as [out, in], dy as [tokens, out]) and ``q`` its quantized object, of the same shape: an
 ``MXTensor`` for MX recipes, whose ``q.dim`` is the blocked axis (1 for fprop operands and
-dgrad/grad_output, 0 for dgrad/weight and both wgrad operands), or a ``TensorwiseFP8`` for
-per-tensor ones. fprop and
+dgrad/grad_output, 0 for dgrad/weight and both wgrad operands), a ``TensorwiseFP8`` for
+per-tensor ones, or a ``RowwiseFP8`` for rowwise ones (``q.dim`` the scaled axis, as for MX;
+a GEMM of ``recipe.hp_gemms`` quantizes nothing and is not observed). fprop and
 wgrad/input calls happen in forward, the others in backward. With an observer set, the weight
 cache is bypassed and MX operands are built through ``quantize`` (bit-equal to the fast path,
 slower). Observers are not traced by ``torch.compile``.
@@ -62,8 +64,16 @@ from torch import nn
 
 from mxfp8.layers.gemm import MXSpec, select_backend
 from mxfp8.layers.mx_function import MXLinearFunction, MXPlan, mx_forward, weight_cache_nbytes
-from mxfp8.layers.recipe import GEMM_OPERANDS, Recipe, ScalingKind, recipe
+from mxfp8.layers.recipe import (
+    GEMM_OPERANDS,
+    Backend,
+    Recipe,
+    ScalingKind,
+    WeightBlock,
+    recipe,
+)
 from mxfp8.layers.recompute import is_recomputing
+from mxfp8.layers.rowwise_function import rowwise_forward
 from mxfp8.layers.scratch import SHARED
 from mxfp8.layers.tensorwise_function import DelayedState, TensorwiseLinearFunction
 from mxfp8.numerics.backends import parse as parse_kernel
@@ -210,6 +220,8 @@ class MXLinear(nn.Linear):
         x2d = x.reshape(-1, self.in_features)  # [M, K]: all leading dims are tokens
         if r.scaling is ScalingKind.MX:
             y2d = self._forward_mx(x2d, dt)
+        elif r.scaling is ScalingKind.ROWWISE:
+            y2d = self._forward_rowwise(x2d, dt)
         else:
             y2d = self._forward_tensorwise(x2d, dt)
         y = y2d.reshape(*x.shape[:-1], self.out_features)
@@ -225,6 +237,11 @@ class MXLinear(nn.Linear):
             if not grad:  # inference: the forward GEMM only, nothing kept for backward
                 return mx_forward(x2d, self.weight, plan, layer)
             return MXLinearFunction.apply(x2d, self.weight, plan, layer)
+
+    @torch.compiler.disable  # python-side weight cache: runs eagerly inside compiled models
+    def _forward_rowwise(self, x2d: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+        with torch.autocast(x2d.device.type, enabled=False):  # dtypes are handled explicitly
+            return rowwise_forward(x2d, self.weight, dt, self)
 
     @torch.compiler.disable  # python-side scaling state: runs eagerly inside compiled models
     def _forward_tensorwise(self, x2d: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
@@ -244,9 +261,13 @@ class MXLinear(nn.Linear):
                 for g, ops in GEMM_OPERANDS.items()
                 for o in ops
             }
-            backend = select_backend(r.backend, device, compiled=self.compile_quantize,
+            tile = 32 if r.weight_block is WeightBlock.TILE else 0
+            # 2-D weight tiles run on the emulated backend (scaled_mm with them is not written)
+            choice = Backend.EMULATED if tile and r.backend is Backend.AUTO else r.backend
+            backend = select_backend(choice, device, compiled=self.compile_quantize,
                                      kernel=self.quantize_kernel)  # fmt: skip
-            plan = self._plans[key] = MXPlan(specs, backend, dt, r.saved_input)
+            plan = self._plans[key] = MXPlan(specs, backend, dt, r.saved_input,
+                                             frozenset(r.hp_gemms), tile)  # fmt: skip
         return plan
 
 

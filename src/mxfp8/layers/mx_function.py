@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from mxfp8.layers.gemm import EmulatedBackend, MXSpec, ScaledMMBackend
+from mxfp8.layers.gemm import EmulatedBackend, MXSpec, ScaledMMBackend, StoredMX
 from mxfp8.layers.recipe import SavedInput
 from mxfp8.layers.scratch import POOL, SHARED
 
@@ -55,6 +55,11 @@ class MXPlan:
     backend: EmulatedBackend | ScaledMMBackend
     compute_dtype: torch.dtype  # dtype of the GEMM outputs (bf16 under autocast)
     saved_input: SavedInput = SavedInput.MX
+    hp_gemms: frozenset = frozenset()  # GEMMs run unquantized, in the compute dtype
+    weight_tile: int = 0  # 32: W in 32x32 tiles, one copy for fprop and dgrad; 0: 1x32
+
+    def hp(self, gemm: str) -> bool:
+        return gemm in self.hp_gemms
 
 
 def scratch(layer, role: str, like: torch.Tensor, dtype=None) -> torch.Tensor | None:
@@ -73,6 +78,10 @@ def _x_copies(x2d, plan: MXPlan, layer, want: bool, need_wgrad: bool):
     be, dt = plan.backend, plan.compute_dtype
     spec, spec_t = plan.specs["fprop", "input"], plan.specs["wgrad", "input"]
     mode = plan.saved_input if need_wgrad else None
+    if need_wgrad and plan.hp("wgrad"):
+        mode = SavedInput.BF16  # kept in high precision, and never quantized for wgrad
+    if plan.hp("fprop"):
+        return _x_copies_hp_fprop(x2d, plan, want, mode)
     share = layer is not None and not want and layer.reuse_buffers
     extra = (spec, spec_t, dt, be.name, mode)
     if share:
@@ -100,13 +109,34 @@ def _x_copies(x2d, plan: MXPlan, layer, want: bool, need_wgrad: bool):
         if mode is SavedInput.MX:  # x^T [K, M], blocks along M, from the high-precision x
             stored, qxt = be.store_mx(x2d.t(), spec_t, want_q=want)
     if mode is SavedInput.BF16:
-        stored = x2d if x2d.dtype == torch.bfloat16 else x2d.to(torch.bfloat16)
-        if want:  # what backward will quantize, for the observer
+        stored = _x_hp(x2d, plan)
+        if want and not plan.hp("wgrad"):  # what backward will quantize, for the observer
             qxt = be.store_mx(stored.t(), spec_t, want_q=True)[1]
     saved = None if stored is None else ("hp" if mode is SavedInput.BF16 else "stored", stored)
     if share:
         SHARED.put(x2d, extra, xq, saved)
     return xq, saved, qx, qxt
+
+
+def _x_hp(x2d: torch.Tensor, plan: MXPlan) -> torch.Tensor:
+    """x kept in high precision for backward: bf16 (``saved_input = bf16``, or a
+    high-precision wgrad under bf16 compute), else x itself (a high-precision wgrad in fp32
+    compute runs in fp32, as ``nn.Linear`` does)."""
+    if plan.hp("wgrad") and plan.compute_dtype != torch.bfloat16:
+        return x2d
+    return x2d if x2d.dtype == torch.bfloat16 else x2d.to(torch.bfloat16)
+
+
+def _x_copies_hp_fprop(x2d, plan: MXPlan, want: bool, mode):
+    """_x_copies when fprop is a high-precision GEMM: x itself is its operand."""
+    be, spec_t = plan.backend, plan.specs["wgrad", "input"]
+    saved = qxt = None
+    if mode is SavedInput.BF16:
+        saved = ("hp", _x_hp(x2d, plan))
+    elif mode is SavedInput.MX:
+        stored, qxt = be.store_mx(x2d.t(), spec_t, want_q=want)
+        saved = ("stored", stored)
+    return x2d.to(plan.compute_dtype), saved, None, qxt
 
 
 class MXLinearFunction(torch.autograd.Function):
@@ -123,12 +153,17 @@ class MXLinearFunction(torch.autograd.Function):
         want = obs is not None
         need_dgrad, need_wgrad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         xq, stored, qx, qxt = _x_copies(x2d, plan, layer, want, need_wgrad)
-        wq, qw = weight_operand(layer, weight, plan, "fprop", pair=need_dgrad)
-        y = be.mm_nt(xq, wq, dt)  # [M, N]
+        if plan.hp("fprop"):
+            y = torch.mm(xq, weight.to(dt).t())
+        else:
+            pair = need_dgrad and not plan.hp("dgrad")
+            wq, qw = weight_operand(layer, weight, plan, "fprop", pair=pair)
+            y = be.mm_nt(xq, wq, dt)  # [M, N]
         if obs is not None:
-            obs(layer, "fprop", "input", x2d, qx)
-            obs(layer, "fprop", "weight", weight, qw)
-            if need_wgrad:
+            if not plan.hp("fprop"):
+                obs(layer, "fprop", "input", x2d, qx)
+                obs(layer, "fprop", "weight", weight, qw)
+            if need_wgrad and not plan.hp("wgrad"):
                 obs(layer, "wgrad", "input", x2d, qxt)
         kind, value = stored if stored is not None else (None, None)
         if kind is None:
@@ -153,11 +188,14 @@ class MXLinearFunction(torch.autograd.Function):
         dx = dw = None
         spec, spec_t = plan.specs["dgrad", "grad_output"], plan.specs["wgrad", "grad_output"]
         pair = None
-        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and not want:
+        dy_hp = plan.hp("dgrad") or plan.hp("wgrad")
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and not want and not dy_hp:
             # both copies of dy (along N for dgrad, dy^T along M for wgrad) in shared passes
             bufs = dict(out_row=scratch(layer, "dy", dy), out_col=scratch(layer, "dyT", dy))
             pair = be.quantize_pair(dy, spec, spec_t, dt, **bufs)
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and plan.hp("dgrad"):
+            dx = torch.mm(dy, weight.to(dt)).to(ctx.x_dtype)
+        elif ctx.needs_input_grad[0]:
             if pair is not None:
                 dyq, qdy = pair[0], None
             else:
@@ -167,7 +205,9 @@ class MXLinearFunction(torch.autograd.Function):
             if obs is not None:
                 obs(layer, "dgrad", "grad_output", dy, qdy)
                 obs(layer, "dgrad", "weight", weight, qwt)
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and plan.hp("wgrad"):
+            dw = torch.mm(dy.t(), tensors[0].to(dt)).to(weight.dtype)
+        elif ctx.needs_input_grad[1]:
             # dy^T [N, M], blocks along M, from the high-precision dy
             if pair is not None:
                 dytq, qdyt = pair[1], None
@@ -191,6 +231,8 @@ def mx_forward(x2d: torch.Tensor, weight: torch.Tensor, plan: MXPlan, layer) -> 
     frozen weights...): no wgrad copy of x, no dgrad copy of W, nothing saved."""
     obs = None if layer is None else layer.observing()
     xq, _, qx, _ = _x_copies(x2d, plan, layer, obs is not None, need_wgrad=False)
+    if plan.hp("fprop"):
+        return torch.mm(xq, weight.to(plan.compute_dtype).t())
     wq, qw = weight_operand(layer, weight, plan, "fprop", pair=False)
     if obs is not None:
         obs(layer, "fprop", "input", x2d, qx)
@@ -224,6 +266,8 @@ def weight_operand(
     hp = weight if gemm == "fprop" else weight.t()
     spec = plan.specs[gemm, "weight"]
     be, dt = plan.backend, plan.compute_dtype
+    if plan.weight_tile:
+        return _tiled_weight(layer, weight, plan, gemm)
     if layer is None:
         return be.quantize_mx(hp, spec, dt)
     observer = layer.observing()
@@ -248,6 +292,33 @@ def weight_operand(
                 cache[key] = be.store_mx(hp, spec)[0]
                 layer.weight_quantizations += 1
     return be.load_mx(cache[key], dt), None
+
+
+def _tiled_weight(layer, weight: torch.Tensor, plan: MXPlan, gemm: str) -> tuple[Any, Any]:
+    """The weight operand of ``gemm`` from W's 32x32 tiles: one quantization (codes shared
+    by the fprop copy, blocked along K, and the dgrad copy, along N), cached as one entry in
+    a step window like the 1x32 copies. Always from the fprop weight spec (one format)."""
+    from mxfp8.numerics.tiles import quantize_tiles_pair
+
+    be, dt = plan.backend, plan.compute_dtype
+    spec = plan.specs["fprop", "weight"]
+    observer = None if layer is None else layer.observing()
+    caching = layer is not None and layer._window_open and layer._window_reuse \
+        and layer.cache_weights and observer is None  # fmt: skip
+    key = ("tiles", weight._version, weight.data_ptr(), dt, be.name)
+    both = layer._weight_cache.get(key) if caching else None
+    if both is None:
+        with torch.no_grad():
+            row, col = quantize_tiles_pair(weight.detach(), spec.fmt, tile=plan.weight_tile,
+                                           scale_rule=spec.scale_rule)  # fmt: skip
+        both = (StoredMX(row, False), StoredMX(col, True))
+        if layer is not None:
+            layer.weight_quantizations += 1
+            if caching:
+                layer._weight_cache.clear()
+                layer._weight_cache[key] = both
+    stored = both[0] if gemm == "fprop" else both[1]
+    return be.load_mx(stored, dt), (stored.q if observer is not None else None)
 
 
 def weight_cache_nbytes(layer) -> int:

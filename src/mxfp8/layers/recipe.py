@@ -16,6 +16,9 @@ Why these presets (see the reference notes, sections 3-5):
 - ``fp8-tensorwise`` / ``fp8-delayed`` are the per-tensor FP8 recipes: one fp32 scale per
   tensor, from the tensor itself (current) or from an amax history (delayed). A single scale
   cannot cover the range of gradients, so these need dynamic loss scaling.
+- ``fp8-rowwise`` is per-row current scaling (torchao's ``rowwise``): one fp32 scale per row
+  of each operand along its GEMM's reduction dim, E4M3 everywhere; each row has its own range,
+  so no loss scaling. ``fp8-rowwise-gw-hp`` runs its weight-gradient GEMM in high precision.
 """
 
 from __future__ import annotations
@@ -38,12 +41,15 @@ class ScalingKind(enum.StrEnum):
     - ``tensorwise``: one fp32 scale per tensor, ``dest_max / amax(tensor)`` (current scaling).
     - ``delayed``: one fp32 scale per tensor, ``dest_max / amax_history_reduced`` from earlier
       steps (cheap on GPUs; a sudden outlier saturates until the history catches up).
+    - ``rowwise``: one fp32 scale per row of each operand along its GEMM's reduction dim,
+      ``dest_max / amax(row)`` (current scaling per channel, torchao's ``rowwise``).
     """
 
     NONE = "none"
     MX = "mx"
     TENSORWISE = "tensorwise"
     DELAYED = "delayed"
+    ROWWISE = "rowwise"
 
     @property
     def per_tensor(self) -> bool:
@@ -201,7 +207,7 @@ class Recipe:
     name: str = "custom"
     """Preset name, or 'custom'. Only informational."""
     scaling: ScalingKind = ScalingKind.MX
-    """Scaling kind: none, mx, tensorwise or delayed."""
+    """Scaling kind: none, mx, tensorwise, delayed or rowwise."""
     fprop_input: Fp8Format = Fp8Format.E4M3
     """Format of x in the forward GEMM."""
     fprop_weight: Fp8Format = Fp8Format.E4M3
@@ -229,8 +235,8 @@ class Recipe:
     keep_high_precision: tuple[str, ...] = DEFAULT_KEEP
     """fnmatch patterns of fqns always kept in high precision (embeddings, LM head)."""
     quantize_attention_bmm: bool = False
-    """Whether the attention BMMs (QK^T, PV) are quantized too. The paper keeps them in bf16.
-    Reserved: only False is accepted until quantized attention exists."""
+    """Whether the attention BMMs (QK^T, PV) are MX-quantized too, forward and backward, with
+    softmax in fp32 (layers/attention_bmm.py). The paper keeps them in bf16. MX only."""
     dynamic_loss_scaling: bool | None = None
     """Whether training needs a dynamic loss scaler. None = derived: True for per-tensor FP8."""
     backend: Backend = Backend.AUTO
@@ -265,6 +271,8 @@ class Recipe:
     """Adaptive: the least SQNR (dB) an operand may have."""
     adaptive_on_divergence: bool = True
     """Adaptive: also switch the layers a divergence event names first."""
+    adaptive_every: int = 25
+    """Adaptive: check every N steps (the telemetry interval, when run.telemetry_every is 0)."""
     description: str = field(default="", compare=False)
     """One line for `mxfp8 recipes`."""
 
@@ -345,16 +353,24 @@ class Recipe:
         if bad or len(set(self.hp_gemms)) != len(self.hp_gemms):
             raise ValueError(f"recipe field hp_gemms={list(self.hp_gemms)!r}: each of "
                              f"{', '.join(GEMMS)} at most once")  # fmt: skip
-        if self.hp_gemms and self.scaling is not ScalingKind.MX:
-            raise ValueError(f"hp_gemms is for MX recipes, not {self.scaling.value} scaling")
+        if self.hp_gemms and self.scaling not in (ScalingKind.MX, ScalingKind.ROWWISE):
+            raise ValueError(f"hp_gemms is for MX and rowwise recipes, not "
+                             f"{self.scaling.value} scaling")  # fmt: skip
         if self.weight_block is WeightBlock.TILE and (
             self.scaling is not ScalingKind.MX or self.block_size != 32
         ):
             raise ValueError("weight_block '32x32' is for MX recipes with block_size 32")
+        if self.weight_block is WeightBlock.TILE and self.backend is Backend.SCALED_MM:
+            raise ValueError(
+                "weight_block '32x32' runs on the emulated backend (scaled_mm "
+                "with 2-D weight blocks is not written yet); use backend 'auto'"
+            )
         for name in ("keep_first_blocks", "keep_last_blocks"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"recipe field {name} must be an int >= 0, got {v!r}")
+        if not isinstance(self.adaptive_every, int) or self.adaptive_every < 1:
+            raise ValueError(f"adaptive_every must be an int >= 1, got {self.adaptive_every!r}")
         if self.adaptive and self.scaling is not ScalingKind.MX:
             raise ValueError("adaptive is for MX recipes (it reads their operand telemetry)")
         for name, lo, hi in (("adaptive_max_saturated_pct", 0, 100),
@@ -369,19 +385,26 @@ class Recipe:
                 "compute_dtype 'fp16' is for the unquantized baseline (scaling 'none'): the "
                 "quantized layers are built for bf16 or fp32 outputs"
             )
-        if self.quantize_attention_bmm is not False:
-            # the field is reserved: no attention kernel reads it, so accepting True would
-            # silently train with bf16 attention BMMs while the recipe claims otherwise
+        if not isinstance(self.quantize_attention_bmm, bool):
+            raise ValueError(f"recipe field quantize_attention_bmm must be true or false, "
+                             f"got {self.quantize_attention_bmm!r}")  # fmt: skip
+        if self.quantize_attention_bmm and self.scaling is not ScalingKind.MX:
+            # QK^T and PV are MX-quantized (layers/attention_bmm.py) with the recipe's formats
             raise ValueError(
-                f"quantize_attention_bmm={self.quantize_attention_bmm!r}: quantized attention "
-                "BMMs are not implemented yet (QK^T and PV always run in high precision); "
-                "leave it false"
+                f"quantize_attention_bmm=True is for MX recipes (scaling 'mx'), not "
+                f"{self.scaling.value} scaling: the attention BMMs are quantized with MX blocks "
+                "and the recipe's formats; leave it false or use an MX recipe"
             )
 
     # --- access -------------------------------------------------------------------------
     @property
     def quantized(self) -> bool:
         return self.scaling is not ScalingKind.NONE
+
+    @property
+    def quantizes_any(self) -> bool:
+        """Whether some layer quantizes: this recipe, or one of its per-layer overrides."""
+        return self.quantized or any(recipe(o.recipe).quantized for o in self.overrides)
 
     def autocast(self, device_type: str) -> Any:
         """The autocast context the model runs its forward in under this recipe (disabled
@@ -467,10 +490,35 @@ _PRESETS: dict[str, dict[str, Any]] = {
         **_GRADS_E5M2,
         description="as mxfp8 with output gradients in E5M2",
     ),
+    "mxfp8-wgrad-hp": dict(
+        scaling=ScalingKind.MX,
+        hp_gemms=("wgrad",),
+        description="as mxfp8 with the weight-gradient GEMM in bf16 (torchao's wgrad_with_hp)",
+    ),
+    "mxfp8-2d-weight": dict(
+        scaling=ScalingKind.MX,
+        weight_block=WeightBlock.TILE,
+        description="as mxfp8 with 32x32 weight tiles: one weight copy for fprop and dgrad",
+    ),
+    "mxfp8-adaptive": dict(
+        scaling=ScalingKind.MX,
+        adaptive=True,
+        description="as mxfp8; a layer whose operands cross saturation/underflow/SQNR "
+        "thresholds, or that a loss spike names, switches to bf16 for the rest of the run",
+    ),
     "fp8-tensorwise": dict(
         scaling=ScalingKind.TENSORWISE,
         **_GRADS_E5M2,
         description="per-tensor current scaling; E4M3 forward, E5M2 gradients",
+    ),
+    "fp8-rowwise": dict(
+        scaling=ScalingKind.ROWWISE,
+        description="per-row current scaling along each GEMM's reduction dim, E4M3 everywhere",
+    ),
+    "fp8-rowwise-gw-hp": dict(
+        scaling=ScalingKind.ROWWISE,
+        hp_gemms=("wgrad",),
+        description="as fp8-rowwise with the weight-gradient GEMM in bf16 (unquantized dy, x)",
     ),
     "fp8-delayed": dict(
         scaling=ScalingKind.DELAYED,

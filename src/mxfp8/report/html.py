@@ -187,6 +187,29 @@ def _evaluations(runs: Sequence[RunData]) -> str:
             "scores multiple choice, &plusmn; one standard error.</p>")  # fmt: skip
 
 
+def _layer_recipes(runs: Sequence[RunData]) -> str:
+    """Which recipe each linear layer ran at the end of each run (per-layer overrides,
+    kept blocks, adaptive switches): one row per (run, recipe) with its layers."""
+    rows = []
+    for run in runs:
+        layers = run.summary.get("layer_recipes") or {}
+        groups: dict[str, list[str]] = {}
+        for name, rec in layers.items():
+            groups.setdefault(str(rec), []).append(str(name))
+        for rec, names in groups.items():
+            shown = ", ".join(names[:12]) + (f", ... ({len(names) - 12} more)"
+                                              if len(names) > 12 else "")  # fmt: skip
+            rows.append(f"<tr><td>{html.escape(run.name)}</td><td>{html.escape(rec)}</td>"
+                        f"<td>{len(names)}</td>"
+                        f"<td style='text-align:left'>{html.escape(shown)}</td></tr>")  # fmt: skip
+    if not rows:
+        return ""
+    return ("<h2>Layer recipes</h2>\n<table><tr><th>run</th><th>recipe</th><th>layers</th>"
+            "<th>which</th></tr>" + "".join(rows) + "</table>"
+            '\n<p class="note">At the end of each run (summary.json): per-layer overrides, '
+            "kept first/last blocks and adaptive switches to bf16 included.</p>")  # fmt: skip
+
+
 def _events(runs: Sequence[RunData]) -> str:
     items = []
     for run in runs:
@@ -266,6 +289,7 @@ director{"y" if len(runs) == 1 else "ies"}.</p>
 <h2>Loss</h2>
 {"".join(overview) or "<p>No metrics logged yet.</p>"}
 {_evaluations(runs)}
+{_layer_recipes(runs)}
 <h2>Divergence flags</h2>
 {_events(runs)}
 <h2>Numerics telemetry</h2>

@@ -201,6 +201,7 @@ class DivergenceHook:
         self.events = [
             DivergenceEvent(**{k: r.get(k) for k in DivergenceEvent.__dataclass_fields__})
             for r in read_rows(self.run_dir / EVENTS_FILE)
+            if r.get("kind") != "precision"  # the adaptive recipe's switches share the file
         ]
         if start > 0:
             for row in read_rows(self.run_dir / METRICS_FILE):

@@ -1,13 +1,14 @@
 """Quantization statistics of one operand: how well did FP8 represent this tensor?
 
 Given the high-precision tensor ``hp`` and what the layer actually fed its GEMM (``q``: an
-``MXTensor`` or a ``TensorwiseFP8``), measure:
+``MXTensor``, a ``TensorwiseFP8`` or a ``RowwiseFP8``), measure:
 
 - saturated, underflow and SQNR, as :mod:`mxfp8.numerics.metrics` defines them (the one
   definition, shared with ``mxfp8 quantize-stats``): saturated counts the elements the
   saturating clamp really changed (scaled magnitude ``|hp| / 2^e`` (MX) or ``|hp| * scale``
-  (per-tensor) > 464 for E4M3, >= 61440 for E5M2), as a % of the finite elements; underflow
-  the non-zero finite elements flushed to exactly 0, as a % of the non-zero finite ones;
+  (per-tensor, and per-row with each row's scale) > 464 for E4M3, >= 61440 for E5M2), as a
+  % of the finite elements; underflow the non-zero finite elements flushed to exactly 0, as
+  a % of the non-zero finite ones;
   SQNR ``10 log10(sum hp^2 / sum (hp - deq)^2)`` in dB over the finite elements of
   non-NaN blocks, bounded to +-:data:`SQNR_CAP_DB` (+200 when exact), ``None`` (null) for
   an all-zero tensor.
@@ -34,6 +35,7 @@ from mxfp8.numerics.metrics import (
     signal_noise,
     sqnr_db,
 )
+from mxfp8.numerics.rowwise import RowwiseFP8
 from mxfp8.numerics.tensor import MXTensor
 from mxfp8.numerics.tensorwise import TensorwiseFP8
 
@@ -44,6 +46,7 @@ __all__ = [
     "mx_dequantize",
     "mx_stats",
     "operand_stats",
+    "rowwise_stats",
     "tensorwise_stats",
 ]
 
@@ -161,13 +164,28 @@ def tensorwise_stats(hp: torch.Tensor, q: TensorwiseFP8) -> RawStats:
     return RawStats(_common(x, deq, saturated), q.fmt.name, scale=q.scale.detach().float())
 
 
+@torch.no_grad()
+def rowwise_stats(hp: torch.Tensor, q: RowwiseFP8) -> RawStats:
+    """Statistics of a per-row FP8 operand: as :func:`tensorwise_stats`, with each row's
+    fp32 scale (``q.scale`` broadcasts along ``q.dim``). No single scale to report."""
+    deq = q.dequantize(torch.float32)
+    x = hp.float()
+    if x.shape != deq.shape:
+        raise ValueError(f"operand shape {tuple(x.shape)} does not match {tuple(deq.shape)}")
+    saturated = scaled_saturated(x * q.scale.to(x.device), q.fmt)
+    return RawStats(_common(x, deq, saturated), q.fmt.name)
+
+
 def operand_stats(hp: torch.Tensor, q: Any) -> RawStats:
     """Dispatch on the kind of quantized object."""
     if isinstance(q, MXTensor):
         return mx_stats(hp, q)
     if isinstance(q, TensorwiseFP8):
         return tensorwise_stats(hp, q)
-    raise TypeError(f"cannot measure a {type(q).__name__}; expected MXTensor or TensorwiseFP8")
+    if isinstance(q, RowwiseFP8):
+        return rowwise_stats(hp, q)
+    raise TypeError(f"cannot measure a {type(q).__name__}; expected MXTensor, TensorwiseFP8 "
+                    "or RowwiseFP8")  # fmt: skip
 
 
 def _round(x: float, digits: int = 6) -> float | None:

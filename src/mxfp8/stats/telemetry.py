@@ -11,6 +11,11 @@ first micro-batch; later micro-batches and the evaluation forward are not measur
 A layer's observer removes itself as soon as its six operands are measured, so the rest of
 the step takes the fast path (weight cache, fused quantization).
 
+Attention modules with quantized BMMs (``bmm_recipe`` set by ``convert_model``,
+:mod:`mxfp8.layers.attention_bmm`) are observed the same way: one record per gemm (``qk``,
+``qk_dgrad``, ``qk_wgrad``, ``pv``, ``pv_dgrad``, ``pv_wgrad``) and operand, 12 per module,
+under the module's name (``layers.0.attention``).
+
 :class:`TelemetryHook` plugs this into ``mxfp8.train.loop.train`` (which finds it through
 :func:`make_hook` when ``run.telemetry_every > 0``) and appends the records to
 ``numerics.jsonl`` (schema in docs/architecture.md).
@@ -27,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mxfp8.layers.attention_bmm import OPERANDS_PER_MODULE as BMM_OPERANDS
 from mxfp8.layers.linear import MXLinear
 from mxfp8.stats.jsonl import append_rows, truncate_after
 from mxfp8.stats.operand_stats import RawStats, finalize, operand_stats
@@ -42,8 +48,14 @@ def quantized_layers(model: nn.Module) -> list[MXLinear]:
     return [m for m in model.modules() if isinstance(m, MXLinear) and m.recipe.quantized]
 
 
+def quantized_attention(model: nn.Module) -> list[nn.Module]:
+    """The model's attention modules whose BMMs are MX-quantized (``bmm_recipe`` set)."""
+    return [m for m in model.modules() if getattr(type(m), "supports_quantized_bmm", False)
+            and getattr(m, "bmm_recipe", None) is not None]  # fmt: skip
+
+
 def _layer_name(layer: MXLinear, fallback: str) -> str:
-    return layer.name or fallback
+    return getattr(layer, "name", "") or fallback
 
 
 class TelemetryCollector:
@@ -62,7 +74,7 @@ class TelemetryCollector:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.layers = quantized_layers(model)
+        self.layers = quantized_layers(model) + quantized_attention(model)
         fqn = {id(m): n for n, m in model.named_modules()}
         self._names = {id(m): _layer_name(m, fqn.get(id(m), "?")) for m in self.layers}
         self._raw: dict[tuple[str, str, str], RawStats] = {}
@@ -115,14 +127,18 @@ class TelemetryCollector:
         return rows
 
     def _observe(self, layer: MXLinear, gemm: str, operand: str, hp: torch.Tensor, q) -> None:
-        name = self._names.get(id(layer), layer.name or "?")
+        name = self._names.get(id(layer), getattr(layer, "name", "") or "?")
         key = (name, gemm, operand)
         if key in self._raw:  # a later micro-batch or the eval forward: measured already
             return
         raw = operand_stats(hp.detach(), q)
         raw.amax_history = _amax_history(layer, operand)
         self._raw[key] = raw
-        if sum(1 for k in self._raw if k[0] == name) >= OPERANDS_PER_LAYER:
+        if isinstance(layer, MXLinear):  # high-precision GEMMs quantize no operands
+            expected = OPERANDS_PER_LAYER - 2 * len(layer.recipe.hp_gemms)
+        else:
+            expected = BMM_OPERANDS
+        if sum(1 for k in self._raw if k[0] == name) >= expected:
             layer.observer = self._saved.get(id(layer))  # done: back to the fast path
 
 
@@ -187,6 +203,11 @@ class TelemetryHook:
 
 
 def make_hook(cfg: Any, run_dir: str | Path) -> TelemetryHook | None:
-    """The hook ``mxfp8.train.loop`` installs when ``cfg.run.telemetry_every > 0``."""
+    """The hook ``mxfp8.train.loop`` installs when ``cfg.run.telemetry_every > 0``, or when
+    the recipe is adaptive (every ``recipe.adaptive_every`` steps then, if not set)."""
     every = int(getattr(cfg.run, "telemetry_every", 0))
+    section = getattr(cfg, "recipe", None)
+    rec = section.build() if section is not None else None
+    if every == 0 and getattr(rec, "adaptive", False):
+        every = rec.adaptive_every
     return TelemetryHook(every, run_dir) if every > 0 else None

@@ -1,5 +1,9 @@
 """Attention of the Llama-style model: rotary position embeddings, grouped-query causal
-self-attention through ``scaled_dot_product_attention``, and the KV cache of generation."""
+self-attention through ``scaled_dot_product_attention``, and the KV cache of generation.
+
+With a recipe that sets ``quantize_attention_bmm``, ``convert_model`` gives each
+:class:`Attention` a ``bmm_recipe`` and QK^T and P·V run as MX BMMs instead
+(:mod:`mxfp8.layers.attention_bmm`); otherwise SDPA runs, unchanged."""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mxfp8.layers.attention_bmm import bmm_specs, mx_attention
 
 if TYPE_CHECKING:
     from mxfp8.train.model import ModelConfig
@@ -56,7 +62,16 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Causal grouped-query self-attention: n_heads query heads share n_kv_heads K/V heads."""
+    """Causal grouped-query self-attention: n_heads query heads share n_kv_heads K/V heads.
+
+    ``bmm_recipe`` (set by ``convert_model`` on modules declaring ``supports_quantized_bmm``):
+    an MX recipe quantizing QK^T and P·V, or None (SDPA). ``observer`` and ``name`` serve
+    telemetry, as on MXLinear."""
+
+    supports_quantized_bmm = True
+    bmm_recipe = None
+    observer = None
+    name = ""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -79,6 +94,9 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.pos
             k, v = cache.update(layer, k, v)
+        if self.bmm_recipe is not None:  # MX QK^T and P.V (the causal mask follows the cache)
+            y = self._mx_attention(q, k, v)
+            return self.wo(y.transpose(1, 2).reshape(B, T, C))
         mask = None
         if past and T > 1:  # query i (position past + i) sees keys 0 .. past + i
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
@@ -88,3 +106,7 @@ class Attention(nn.Module):
         )  # fmt: skip
         y = y.transpose(1, 2).reshape(B, T, C)  # [B, heads, T, head_dim] -> [B, T, C]
         return self.wo(y)
+
+    @torch.compiler.disable  # python-side observer and specs: runs eagerly in compiled models
+    def _mx_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return mx_attention(q, k, v, bmm_specs(self.bmm_recipe), module=self)

@@ -27,11 +27,12 @@ import torch
 from torch import nn
 
 from mxfp8.fileio import write_text_atomically
+from mxfp8.layers.convert import layer_recipes
 from mxfp8.layers.recipe import Recipe
 from mxfp8.layers.recipe import recipe as named_recipe
 from mxfp8.layers.scratch import pool_nbytes
 from mxfp8.parallel import LOCAL, Comm, DistEnv
-from mxfp8.stats import divergence, telemetry
+from mxfp8.stats import adaptive, divergence, telemetry
 from mxfp8.train import checkpoint as ckpt
 from mxfp8.train import session as session_mod
 from mxfp8.train.config import ConfigError, TrainConfig
@@ -63,8 +64,10 @@ def default_run_dir(cfg: TrainConfig) -> Path:
 
 def _auto_hooks(cfg: TrainConfig, run_dir: Path) -> list[TrainHook]:
     """The stats floor's hooks every run gets: telemetry (when ``run.telemetry_every``), then
-    divergence detection (telemetry first, so an event can name the layers it just measured)."""
-    made = (telemetry.make_hook(cfg, run_dir), divergence.make_hook(cfg, run_dir))
+    divergence detection (telemetry first, so an event can name the layers it just measured),
+    then the adaptive-precision policy (an adaptive recipe: it reads what both saw)."""
+    tel, div = telemetry.make_hook(cfg, run_dir), divergence.make_hook(cfg, run_dir)
+    made = (tel, div, adaptive.make_hook(cfg, run_dir, tel, div))
     return [h for h in made if h is not None]
 
 
@@ -160,6 +163,7 @@ def _summary(s: Session, val_loss: float | None, hooks: list[TrainHook]) -> dict
         cached = report.weight_cache_bytes if s.cfg.run.accum_steps > 1 else 0
         summary["weight_cache_mib"] = cached / 2**20
         summary["scratch_pool_mib"] = pool_nbytes() / 2**20
+        summary["layer_recipes"] = layer_recipes(s.model)
     for h in hooks:
         extra = h.summary()
         summary["diverged"] = summary["diverged"] or bool(extra.pop("diverged", False))

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from mxfp8.layers.convert import convert_model, load_scaling_state_dict, scaling_state_dict
+from mxfp8.layers.precision import load_precision_state_dict, precision_state_dict
 from mxfp8.numerics import backends
 from mxfp8.parallel import (
     LOCAL,
@@ -179,6 +180,7 @@ class Session:
             "schedule": self.schedule.state_dict(),
             "loss_scaler": self.scaler.state_dict(),
             "scaling": scaling_state_dict(self.model),
+            "precision": precision_state_dict(self.model),  # adaptive switches to bf16
             "rng": ckpt.rng_state(),
             "data": {"seed": self.cfg.run.seed, "next_step": self.step},  # batches: f(seed, step)
             "data_identity": self.data_identity(),
@@ -201,6 +203,7 @@ class Session:
         self.scaler.load_state_dict(state["loss_scaler"])
         if state.get("scaling") is not None:  # delayed-scaling amax histories
             load_scaling_state_dict(self.model, state["scaling"])
+        load_precision_state_dict(self.model, state.get("precision") or {})
         ckpt.set_rng_state(state["rng"])
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         clock = state.get("clock") or {"train_time_s": state.get("train_time_s", 0.0)}
@@ -302,13 +305,18 @@ def build(cfg: TrainConfig, run_dir: Path, say, *, fresh: bool = True) -> Sessio
             f"model.vocab_size {model_cfg.vocab_size} < the tokenizer's {data.vocab_size}"
         )
     recipe = cfg.recipe.build()
+    if recipe.adaptive and comm.world_size > 1:
+        raise ConfigError(
+            "recipe.adaptive is single-process for now (its decisions are taken "
+            "on rank 0's telemetry and not yet broadcast); run it in one process"
+        )
     torch.manual_seed(run.seed)
     random.seed(run.seed)
     model = Transformer(model_cfg)
     if pretrained is not None:
         init_from.load_weights(model, pretrained)
     model = model.to(device)
-    if recipe.quantized:
+    if recipe.quantizes_any:
         kernel = _quantize_kernel(run.quantize_kernel, device)
         model = convert_model(model, recipe, compile_quantize=run.compile_quantize,
                               quantize_kernel=kernel)  # fmt: skip
