@@ -4,7 +4,8 @@ RMSNorm, rotary position embeddings (RoPE), a SwiGLU MLP and grouped-query atten
 ``torch.nn.functional.scaled_dot_product_attention``. Every linear layer of a block is a plain
 ``nn.Linear`` attribute with a stable name (``layers.{i}.attention.wq``,
 ``layers.{i}.feed_forward.w1``, ...), because recipes swap them for ``MXLinear`` by name; the
-attention BMMs themselves stay in high precision, inside SDPA.
+attention BMMs themselves stay in high precision, inside SDPA, unless the recipe quantizes
+them (``quantize_attention_bmm``: :mod:`mxfp8.train.attention`).
 
 Weights on the ``meta`` device are supported: build the model under ``torch.device("meta")``
 to count parameters of a large preset without allocating it, or call ``to_empty(device=...)``
