@@ -166,3 +166,168 @@ def test_eval_tasks_are_scored_once_and_shown(comparison, cache, capsys, tmp_pat
     assert main(args) == 0  # scored already: not again
     evals = json.loads((comparison / "bf16" / "eval.json").read_text())["evaluations"]
     assert len(evals) == 1
+
+
+def test_recipe_sets_expand_in_order_without_repeats():
+    from mxfp8.cli.compare import expand_recipes
+    from mxfp8.compare import RECIPE_SETS
+    from mxfp8.layers.recipe import list_recipes
+
+    assert expand_recipes("default") == ["bf16", "mxfp8"]
+    assert expand_recipes("ablations,mxfp8-attn,mxfp8") == [*RECIPE_SETS["ablations"],
+                                                             "mxfp8-attn"]  # fmt: skip
+    assert expand_recipes("all") == list_recipes()
+    assert set(RECIPE_SETS["coverage"]) <= set(list_recipes())
+    assert expand_recipes("mxfp9") == ["mxfp9"]  # left for the caller's unknown-recipe error
+
+
+# --- multi-seed comparisons (--seeds) ---
+
+SEEDED = ("--recipes", "bf16,mxfp8-floor", "--seeds", "0,1")
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory, cache):
+    """``--seeds 0,1``, stopped by SIGTERM at step 2 of its second run (mxfp8-floor, seed 0),
+    then run again to the end: what each invocation said, and the layout in between."""
+    import contextlib
+    import io
+    import os
+    import signal
+    from types import SimpleNamespace
+
+    import mxfp8.train.loop as loop
+    from mxfp8.train.hooks import TrainHook
+
+    out = tmp_path_factory.mktemp("seeds")
+    calls = []
+
+    class Preempt(TrainHook):
+        def on_step_start(self, step):
+            if len(calls) == 2 and step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    original = loop.train
+
+    def train(cfg):
+        calls.append(cfg.run.out)
+        return original(cfg, hooks=[Preempt()])
+
+    args = _args(out, cache, *SEEDED)
+    with torch_threads(1), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop, "train", train)
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            first = main(args)
+    between = sorted(str(p.relative_to(out)) for p in out.rglob("summary.json"))
+    ckpts = sorted(str(p.relative_to(out)) for p in out.glob("*/seed*/checkpoints/step_*"))
+    with torch_threads(1), contextlib.redirect_stderr(io.StringIO()) as err2:
+        second = main(args)
+    return SimpleNamespace(out=out, args=args, first=first, err=err.getvalue(), second=second,
+                           err2=err2.getvalue(), between=between, ckpts=ckpts)  # fmt: skip
+
+
+def test_seeds_run_every_recipe_under_every_seed_and_resume(seeded, comparison):
+    out = seeded.out
+    assert seeded.first == 143 and "stopped early by SIGTERM: mxfp8-floor/seed0" in seeded.err
+    assert seeded.between == ["bf16/seed0/summary.json"]  # seed 1 had not started
+    assert seeded.ckpts == ["bf16/seed0/checkpoints/step_0000008",
+                            "mxfp8-floor/seed0/checkpoints/step_0000002"]  # fmt: skip
+    assert seeded.second == 0
+    for line in ("[1/4] bf16/seed0: already complete", "[2/4] mxfp8-floor/seed0: resuming",
+                 "[3/4] bf16/seed1: training", "[4/4] mxfp8-floor/seed1: training"):  # fmt: skip
+        assert line in seeded.err2
+    cfgs = {}
+    for recipe in ("bf16", "mxfp8-floor"):
+        assert not (out / recipe / "metrics.jsonl").exists()  # nothing at the single-seed place
+        for k in (0, 1):
+            summary = json.loads((out / recipe / f"seed{k}" / "summary.json").read_text())
+            assert summary["recipe"] == recipe and summary["steps"] == 8
+            cfg = load_config(out / recipe / f"seed{k}" / "config.toml").to_dict()
+            assert cfg["run"]["seed"] == k and cfg["recipe"]["name"] == recipe
+            for key in ("seed", "out", "resume"):  # resume: true for the resumed run
+                cfg["run"].pop(key)
+            cfg["recipe"].pop("name")
+            cfgs[recipe, k] = cfg
+        # seed 0 is the single-seed comparison's run (default seed 0), the interrupted one too
+        assert _losses(out / recipe / "seed0") == _losses(comparison / recipe)
+    assert all(c == cfgs["bf16", 0] for c in cfgs.values())  # only recipe, out and seed differ
+    assert _losses(out / "bf16" / "seed0") != _losses(out / "bf16" / "seed1")
+
+
+def test_seeded_comparison_json_holds_the_statistics(seeded):
+    out = seeded.out
+    index = json.loads((out / "comparison.json").read_text())
+    assert index["recipes"] == ["bf16", "mxfp8-floor"] and index["seeds"] == [0, 1]
+    stats = index["stats"]
+    assert "Student's t-distribution with n - 1 degrees of freedom" in stats["interval"]
+
+    def val(recipe, k):
+        return json.loads((out / recipe / f"seed{k}" / "summary.json").read_text())[
+            "final_val_loss"
+        ]
+
+    for recipe in ("bf16", "mxfp8-floor"):
+        s = stats["recipes"][recipe]
+        a, b = val(recipe, 0), val(recipe, 1)
+        assert s["seeds"] == [0, 1] and s["val_loss"] == {"0": a, "1": b}
+        assert s["val_loss_mean"] == pytest.approx((a + b) / 2)
+        assert s["val_loss_std"] == pytest.approx(abs(a - b) / 2**0.5)  # ddof=1, two values
+    assert stats["recipes"]["bf16"]["verdict"] == "baseline"
+    floor = stats["recipes"]["mxfp8-floor"]
+    g = [(val("mxfp8-floor", k) - val("bf16", k)) / val("bf16", k) * 100 for k in (0, 1)]
+    assert floor["gap_pct"] == pytest.approx({"0": g[0], "1": g[1]})
+    m, sd = (g[0] + g[1]) / 2, abs(g[0] - g[1]) / 2**0.5
+    t = 12.706204736174698  # t_{0.975} with 1 degree of freedom: tan(0.475 pi)
+    lo, hi = m - t * sd / 2**0.5, m + t * sd / 2**0.5
+    assert floor["gap_mean_pct"] == pytest.approx(m) and floor["df"] == 1
+    assert floor["t_quantile"] == pytest.approx(t)
+    assert floor["gap_ci95_pct"] == pytest.approx([lo, hi])
+    expected = "worse" if lo > 0 else "better" if hi < 0 else "indistinguishable from bf16"
+    assert floor["verdict"] == expected
+
+
+def test_a_finished_seeded_comparison_is_skipped(seeded, capsys):
+    out = seeded.out
+    report = out / "report.html"
+    before = (out / "bf16" / "seed1" / "metrics.jsonl").read_bytes(), report.stat().st_mtime_ns
+    assert main(seeded.args) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("already complete") == 4
+    after = (out / "bf16" / "seed1" / "metrics.jsonl").read_bytes(), report.stat().st_mtime_ns
+    assert after == before  # nothing trained, the report was up to date
+    floor = json.loads((out / "comparison.json").read_text())["stats"]["recipes"]["mxfp8-floor"]
+    lo, hi = floor["gap_ci95_pct"]
+    assert "mxfp8-floor/seed1" in captured.out and "over seeds 0, 1" in captured.out
+    assert "Student's t, n-1 degrees of freedom" in captured.out
+    assert f"[{lo:+.2f} %, {hi:+.2f} %]  {floor['verdict']}" in captured.out
+    page = report.read_text()
+    assert "95 % confidence interval (t)" in page and f"[{lo:+.3f}, {hi:+.3f}]" in page
+    assert (out / "plots" / "gap.png").is_file() and "min to max over seeds" in page
+
+
+def test_bad_seeds_and_mixed_layouts_are_refused(tmp_path, cache, comparison, seeded, capsys):
+    for spec, why in (("a,1", "'a' not a non-negative integer"), ("0,0", "listed twice"),
+                      ("", "no seed given"), ("1,,2", "'' not a non-negative integer"),
+                      ("-1", "'-1' not a non-negative integer")):  # fmt: skip
+        assert main(_args(tmp_path, cache, "--seeds", spec)) == 2
+        assert why in capsys.readouterr().err
+    assert main(_args(tmp_path, cache, "--seeds", "0,1", "--seed", "3")) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(_args(comparison, cache, "--recipes", "bf16", "--seeds", "0")) == 2
+    assert "holds a single-seed run" in capsys.readouterr().err
+    assert main(_args(seeded.out, cache, "--recipes", "bf16")) == 2
+    assert "multi-seed comparison" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_one_seed_uses_the_seed_layout_and_seeds_go_seed_after_seed(tmp_path):
+    from mxfp8.compare import plan
+
+    base = load_config(None, {"run.seed": 5})
+    plans = plan(base, ["bf16", "mxfp8"], tmp_path, seeds=[3])
+    assert [(p.label, p.cfg.run.seed) for p in plans] == [("bf16/seed3", 3), ("mxfp8/seed3", 3)]
+    assert [p.run_dir for p in plans] == [tmp_path / "bf16" / "seed3", tmp_path / "mxfp8" / "seed3"]
+    plans = plan(base, ["bf16", "mxfp8"], tmp_path, seeds=[2, 0])
+    assert [p.label for p in plans] == ["bf16/seed2", "mxfp8/seed2", "bf16/seed0", "mxfp8/seed0"]
+    plans = plan(base, ["bf16"], tmp_path)  # no seeds: the single-seed layout, run.seed kept
+    assert [(p.label, p.run_dir, p.cfg.run.seed) for p in plans] == [("bf16", tmp_path / "bf16", 5)]

@@ -9,7 +9,14 @@ Runs go one after the other into ``OUT/<recipe>/`` and the comparison is resumab
 - a run that left files but no checkpoint is started again from scratch;
 - a run directory holding a run of a *different* config is an error, never overwritten.
 
-Then ``OUT/comparison.json`` (the recipe order) and ``OUT/report.html`` are written. With
+With ``seeds`` (``mxfp8 compare --seeds 0,1,2``), every recipe runs under every seed
+(``run.seed = k``: one seed, one data order and one set of initial weights for every recipe)
+into ``OUT/<recipe>/seed<k>/``, seed after seed, each run resumed or skipped as above. A
+directory of the other layout (a single-seed run where seeds are asked for, or the reverse) is
+an error.
+
+Then ``OUT/comparison.json`` (the recipe order; with seeds, also the seeds and the statistics
+over them: :func:`mxfp8.report.stats.stats_json`) and ``OUT/report.html`` are written. With
 ``eval_tasks`` (``mxfp8 compare --eval-tasks cloze``), each completed run's final checkpoint is
 first scored on those multiple-choice tasks under its recipe (``RUN/eval.json``; a run already
 scored on them at that checkpoint is not scored again), and the report and the summary table
@@ -27,13 +34,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mxfp8.fileio import write_text_atomically
 from mxfp8.report.html import write_report
-from mxfp8.report.loader import COMPARISON_INDEX, EVAL_FILE
+from mxfp8.report.loader import (
+    COMPARISON_INDEX,
+    EVAL_FILE,
+    SEED_DIR,
+    is_run_dir,
+    load_runs,
+    seed_dir_name,
+    seed_runs,
+)
+from mxfp8.report.stats import stats_json
 from mxfp8.train.config import ConfigError, TrainConfig, load_config
 from mxfp8.train.loop import RUN_FILES
 from mxfp8.train.resume import config_changes, describe_changes
 
 DEFAULT_RECIPES = ("bf16", "mxfp8")
+# named sets for `--recipes`: the default pair; the paper's ablations (its failing floor rule
+# and the Hopper-era E5M2 gradients) with the per-tensor FP8 baseline; everything that changes
+# how much is quantized; every preset
+RECIPE_SETS: dict[str, tuple[str, ...]] = {
+    "default": DEFAULT_RECIPES,
+    "ablations": ("bf16", "mxfp8", "mxfp8-floor", "mxfp8-e5m2-grads", "fp8-tensorwise"),
+    "coverage": (
+        "bf16",
+        "mxfp8",
+        "mxfp8-wgrad-hp",
+        "mxfp8-2d-weight",
+        "mxfp8-attn",
+        "mxfp8-adaptive",
+        "fp8-rowwise",
+    ),  # fmt: skip
+}
 DEFAULT_TELEMETRY_EVERY = 100  # overhead measured at 2-4.5 % of training time (performance.md)
 MIN_TELEMETRY_POINTS = 4  # short runs sample more often, so the heatmaps have columns
 DEFAULT_CKPT_EVERY = 100  # so that an interrupted comparison loses at most this many steps
@@ -53,6 +86,16 @@ class RunPlan:
     recipe: str
     cfg: TrainConfig
     state: str  # "done", "resume", "fresh"
+    seed: int | None = None  # set by --seeds: the run is OUT/<recipe>/seed<k>/
+
+    @property
+    def label(self) -> str:
+        """``recipe``, or ``recipe/seed<k>``: the run's directory relative to OUT."""
+        return self.recipe if self.seed is None else f"{self.recipe}/{seed_dir_name(self.seed)}"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.run.out)
 
 
 @dataclass
@@ -87,25 +130,59 @@ def _state(run_dir: Path, cfg: TrainConfig) -> str:
     return "fresh"
 
 
-def plan(base: TrainConfig, recipes: Sequence[str], out: Path) -> list[RunPlan]:
-    """One config per recipe (only ``recipe.name`` and ``run.out`` differ), with its state."""
+def check_seeds(seeds: Sequence[int]) -> list[int]:
+    """The seeds of a multi-seed comparison: at least one, non-negative integers, each once."""
+    seeds = list(seeds)
+    if not seeds:
+        raise CompareError("no seed given: --seeds takes integers, e.g. --seeds 0,1,2")
+    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int) or s < 0]
+    if bad:
+        raise CompareError(f"seeds must be non-negative integers, got {bad}")
+    if len(set(seeds)) != len(seeds):
+        raise CompareError(f"a seed is listed twice: {seeds}")
+    return seeds
+
+
+def _check_layout(recipe_dir: Path, seeded: bool) -> None:
+    """A recipe directory holds one single-seed run or seed directories, never both."""
+    if seeded and is_run_dir(recipe_dir):
+        raise CompareError(
+            f"{recipe_dir} holds a single-seed run (no --seeds); run that comparison without "
+            "--seeds, or use another --out for the multi-seed one"
+        )
+    if not seeded and seed_runs(recipe_dir):
+        raise CompareError(
+            f"{recipe_dir} holds the seed<k>/ runs of a multi-seed comparison; run it with "
+            "--seeds, or use another --out"
+        )
+
+
+def plan(base: TrainConfig, recipes: Sequence[str], out: Path,
+         seeds: Sequence[int] | None = None) -> list[RunPlan]:  # fmt: skip
+    """One config per recipe (only ``recipe.name`` and ``run.out`` differ), with its state;
+    with ``seeds``, one per (seed, recipe), seed after seed, ``run.seed`` differing too."""
     if len(set(recipes)) != len(recipes):
         raise CompareError(f"a recipe is listed twice: {list(recipes)}")
-    plans = []
+    if seeds is not None:
+        seeds = check_seeds(seeds)
     for name in recipes:
-        run_dir = out / name
-        try:  # recipe field overrides given on the command line apply to every recipe
-            recipe_section = dataclasses.replace(base.recipe, name=name)
-        except ConfigError as exc:
-            raise CompareError(f"recipe {name}: {exc}") from None
-        cfg = base.replace(
-            recipe=recipe_section,
-            run=dataclasses.replace(base.run, out=str(run_dir), resume=False),
-        )
-        state = _state(run_dir, cfg)
-        if state == "resume":
-            cfg = cfg.replace(run=dataclasses.replace(cfg.run, resume=True))
-        plans.append(RunPlan(name, cfg, state))
+        _check_layout(out / name, seeds is not None)
+    plans = []
+    for seed in seeds if seeds is not None else [None]:
+        for name in recipes:
+            run_dir = out / name if seed is None else out / name / seed_dir_name(seed)
+            try:  # recipe field overrides given on the command line apply to every recipe
+                recipe_section = dataclasses.replace(base.recipe, name=name)
+            except ConfigError as exc:
+                raise CompareError(f"recipe {name}: {exc}") from None
+            run = dataclasses.replace(base.run, out=str(run_dir), resume=False)
+            if seed is not None:
+                run = dataclasses.replace(run, seed=seed)
+            cfg = base.replace(recipe=recipe_section, run=run)
+            state = _state(run_dir, cfg)
+            if state == "resume":
+                cfg = cfg.replace(run=dataclasses.replace(cfg.run, resume=True))
+            plans.append(RunPlan(name, cfg, state, seed))
     return plans
 
 
@@ -124,22 +201,49 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+def _write_index(out: Path, recipes: Sequence[str], seeds: Sequence[int] | None,
+                 with_stats: bool = False) -> None:  # fmt: skip
+    """``out/comparison.json``: the recipe order; with seeds, the seeds and (at the end) the
+    statistics over them of the runs complete by then."""
+    index: dict[str, Any] = {"recipes": list(recipes)}
+    if seeds is not None:
+        index["seeds"] = list(seeds)
+        if with_stats:
+            try:
+                index["stats"] = stats_json(load_runs(out))
+            except FileNotFoundError:  # no run wrote anything yet
+                pass
+    write_text_atomically(out / COMPARISON_INDEX, json.dumps(index, indent=2) + "\n")
+
+
+def _index_is(out: Path, recipes: Sequence[str], seeds: Sequence[int] | None) -> bool:
+    """Whether ``out/comparison.json`` already names these recipes and seeds."""
+    try:
+        index = json.loads((out / COMPARISON_INDEX).read_text())
+    except (OSError, ValueError):
+        return False
+    wanted = None if seeds is None else list(seeds)
+    return index.get("recipes") == list(recipes) and index.get("seeds") == wanted
+
+
 def compare(base: TrainConfig, recipes: Sequence[str], out: str | Path,
-            eval_tasks: str = "") -> CompareResult:  # fmt: skip
-    """Run (or resume, or skip) each recipe, score ``eval_tasks``, write ``out/report.html``."""
+            eval_tasks: str = "", seeds: Sequence[int] | None = None) -> CompareResult:  # fmt: skip
+    """Run (or resume, or skip) each recipe (under each of ``seeds``), score ``eval_tasks``,
+    write ``out/report.html`` (and, with seeds, the statistics into ``out/comparison.json``)."""
     from mxfp8.train.loop import RunComplete, train
 
     out = Path(out)
-    plans = plan(base, recipes, out)
+    plans = plan(base, recipes, out, seeds)
     out.mkdir(parents=True, exist_ok=True)
-    (out / COMPARISON_INDEX).write_text(json.dumps({"recipes": list(recipes)}, indent=2) + "\n")
+    same_index = _index_is(out, recipes, seeds)  # else the report must change with it
+    _write_index(out, recipes, seeds)
     result = CompareResult(out=out, report=None)
     for i, p in enumerate(plans, start=1):
-        run_dir = out / p.recipe
-        head = f"[{i}/{len(plans)}] {p.recipe}"
+        run_dir = p.run_dir
+        head = f"[{i}/{len(plans)}] {p.label}"
         if p.state == "done":
             _say(f"{head}: already complete in {run_dir}, skipped")
-            result.done.append(p.recipe)
+            result.done.append(p.label)
             continue
         if p.state == "fresh":
             for name in RUN_FILES:  # leftovers of a run killed before its first checkpoint
@@ -149,28 +253,31 @@ def compare(base: TrainConfig, recipes: Sequence[str], out: str | Path,
         try:
             r = train(p.cfg)
         except RunComplete:  # its final checkpoint was there, summary.json now is too
-            result.done.append(p.recipe)
+            result.done.append(p.label)
             continue
         except Exception as exc:  # one failed recipe must not lose the others
             traceback.print_exc()
-            result.failed[p.recipe] = f"{type(exc).__name__}: {exc}"
+            result.failed[p.label] = f"{type(exc).__name__}: {exc}"
             continue
         if r.completed:
-            result.done.append(p.recipe)
+            result.done.append(p.label)
         else:
-            result.incomplete.append(p.recipe)
+            result.incomplete.append(p.label)
         if r.stopped_by:  # SIGTERM / Ctrl-C stops the whole comparison, not just this run
             result.stopped_by, result.exit_code = r.stopped_by, r.exit_code
             break
     if eval_tasks and not result.stopped_by:
-        for recipe in result.done:
+        for label in result.done:
             try:
-                evaluate_run(out / recipe, eval_tasks)
+                evaluate_run(out / label, eval_tasks)
             except Exception as exc:  # a failed evaluation must not lose the report
                 traceback.print_exc()
-                result.failed[f"{recipe} (eval)"] = f"{type(exc).__name__}: {exc}"
+                result.failed[f"{label} (eval)"] = f"{type(exc).__name__}: {exc}"
+    if seeds is not None:  # what the runs complete by now say, also when stopped early
+        _write_index(out, recipes, seeds, with_stats=True)
     report = out / "report.html"
-    if len(result.done) == len(plans) and _newer_than_runs(report, out, recipes):
+    up_to_date = same_index and _newer_than_runs(report, [p.run_dir for p in plans])
+    if len(result.done) == len(plans) and up_to_date:
         result.report = report  # every run was skipped: the report is already up to date
         return result
     try:
@@ -196,16 +303,19 @@ def evaluate_run(run_dir: Path, specs: str) -> None:
         if same_model and names <= set(e.get("tasks") or {}):
             return
     tokens, what = eval_split(loaded)
-    _say(f"evaluating {run_dir.name} on {', '.join(sorted(names))}")
+    name = run_dir.name  # a seed's run: <recipe>/seed<k>
+    if SEED_DIR.fullmatch(name):
+        name = f"{run_dir.parent.name}/{name}"
+    _say(f"evaluating {name} on {', '.join(sorted(names))}")
     scores = mc.evaluate_tasks(loaded.model, loaded.tokenizer, specs, tokens)
     append_evaluation(path, {"source": loaded.source, "recipe": loaded.recipe, "data": what,
                              "tasks": scores})  # fmt: skip
 
 
-def _newer_than_runs(report: Path, out: Path, recipes: Sequence[str]) -> bool:
+def _newer_than_runs(report: Path, run_dirs: Sequence[Path]) -> bool:
     if not report.is_file():
         return False
     made = report.stat().st_mtime
     names = (*RUN_FILES, "config.toml", EVAL_FILE)  # new scores also need a new report
-    files = [out / r / name for r in recipes for name in names]
+    files = [d / name for d in run_dirs for name in names]
     return all(f.stat().st_mtime <= made for f in files if f.is_file())

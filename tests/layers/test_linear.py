@@ -83,7 +83,11 @@ SQNR_FLOOR = {
     "mxfp8-wgrad-hp": (27.5, 27.5, float("inf")),
     "mxfp8-2d-weight": (27.5, 27.5, 27.5),
     "mxfp8-adaptive": (27.5, 27.5, 27.5),
-    "mxfp8-attn": (27.5, 27.5, 27.5),  # its linears are mxfp8's  # mxfp8 until the policy switches a layer
+    "mxfp8-attn": (
+        27.5,
+        27.5,
+        27.5,
+    ),  # its linears are mxfp8's  # mxfp8 until the policy switches a layer
     "fp8-rowwise": (27.5, 27.5, 27.5),
     "fp8-rowwise-gw-hp": (27.5, 27.5, float("inf")),
     "mxfp8": (27.5, 27.5, 27.5),

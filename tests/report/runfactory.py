@@ -37,14 +37,16 @@ def make_run(
     spike_at: int | None = None,
     nan_from: int | None = None,
     seed: int = 0,
+    dirname: str | None = None,
+    final_val_loss: float | None = None,
 ) -> Path:
-    """Write a run directory ``root/recipe`` and return it.
+    """Write a run directory ``root/recipe`` (or ``root/dirname``) and return it.
 
     The loss decays like a real run, shifted by ``offset`` (a recipe's gap to bf16); bf16
-    runs have no numerics, like a real bf16 run.
+    runs have no numerics, like a real bf16 run. ``final_val_loss`` sets summary.json's.
     """
     rng = random.Random(seed)
-    run = root / recipe
+    run = root / (dirname or recipe)
     run.mkdir(parents=True)
     (run / "config.toml").write_text(
         f'[recipe]\nname = "{recipe}"\n\n[run]\nsteps = {steps}\nseed = {seed}\n'
@@ -122,6 +124,8 @@ def make_run(
                        "layers": []})  # fmt: skip
     _write_jsonl(run / "events.jsonl", events)
     final_val = next((m["val_loss"] for m in reversed(metrics) if "val_loss" in m), None)
+    if final_val_loss is not None:
+        final_val = final_val_loss
     (run / "summary.json").write_text(
         json.dumps(
             {
@@ -137,6 +141,22 @@ def make_run(
         encoding="utf-8",
     )
     return run
+
+
+def make_seeded_comparison(
+    root: Path, val_losses: dict[str, list[float]], seeds: tuple[int, ...] = (0, 1, 2)
+) -> Path:
+    """A multi-seed comparison ``root/cmp/<recipe>/seed<k>/`` (as ``mxfp8 compare --seeds``
+    writes it), each run's final validation loss given, seed by seed, by ``val_losses``."""
+    cmp_dir = root / "cmp"
+    for recipe, losses in val_losses.items():
+        for k, loss in zip(seeds, losses, strict=True):
+            make_run(cmp_dir / recipe, recipe, dirname=f"seed{k}", seed=k, steps=30,
+                     eval_every=10, telemetry_every=10, offset=loss - 2.2,
+                     final_val_loss=loss)  # fmt: skip
+    index = {"recipes": list(val_losses), "seeds": list(seeds)}
+    (cmp_dir / "comparison.json").write_text(json.dumps(index))
+    return cmp_dir
 
 
 def make_comparison(root: Path) -> Path:

@@ -1,7 +1,8 @@
 """``mxfp8 compare``: train the same model under several recipes, then write the report.
 
 Takes every option of ``mxfp8 train`` (same generated ``--section.field`` options), plus
-``--recipes``; ``--out`` names the comparison directory.
+``--recipes`` and ``--seeds`` (every recipe under each seed, with statistics over them);
+``--out`` names the comparison directory.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mxfp8.compare import DEFAULT_RECIPES
+from mxfp8.compare import DEFAULT_RECIPES, RECIPE_SETS
 from mxfp8.errors import UserError
 
 if TYPE_CHECKING:
@@ -29,7 +30,16 @@ gap to bf16, numerics heatmaps, divergence flags) and print its path.
 Resumable: run the same command again and finished runs are skipped, interrupted runs resume
 from their last checkpoint. With no arguments: bf16 against mxfp8, the tiny model, the
 built-in corpus. Telemetry is on (every 100 steps, or steps/4 for short runs) unless
---run.telemetry_every is given; checkpoints every 100 steps unless --run.ckpt_every is."""
+--run.telemetry_every is given; checkpoints every 100 steps unless --run.ckpt_every is.
+
+Seeds: --seeds 0,1,2 runs every recipe under every seed (run.seed = k: the same data order
+and initial weights for every recipe of one seed) into OUT/<recipe>/seed<k>/, seed after
+seed, resumable as above. The table, OUT/comparison.json and the report then give per recipe
+the mean and standard deviation (ddof=1) of the final validation loss over seeds, the paired
+gap to bf16 seed by seed ((run - bf16 of the same seed) / bf16, in %), its mean with a 95 %
+confidence interval (Student's t, n-1 degrees of freedom) and a verdict: "indistinguishable
+from bf16" when the interval contains 0, "worse" when it lies above 0, "better" below; one
+seed gives no interval and no verdict. Without --seeds: one run per recipe in OUT/<recipe>/."""
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -40,14 +50,24 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         allow_abbrev=False,
         help="train the same model under several recipes, side by side",
         description=DESCRIPTION,
-        usage=usage("compare", "[--recipes A,B,...]"),
+        usage=usage("compare", "[--recipes A,B,...] [--seeds K,K,...]"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--recipes",
         default=",".join(DEFAULT_RECIPES),
-        help="comma-separated recipes to compare, e.g. bf16,mxfp8,mxfp8-floor,mxfp8-e5m2-grads "
-        f"(see `mxfp8 recipes`; default: {','.join(DEFAULT_RECIPES)})",
+        help="comma-separated recipes to compare (see `mxfp8 recipes`), or a named set: "
+        + "; ".join(f"{k} = {','.join(v)}" for k, v in RECIPE_SETS.items())
+        + "; all = every preset (default: the default set)",
+    )
+    p.add_argument(
+        "--seeds",
+        default=None,
+        metavar="K,K,...",
+        help="comma-separated distinct non-negative integer seeds: run every recipe under "
+        "each (run.seed = k) into OUT/<recipe>/seed<k>/ and report means, paired gaps to bf16 "
+        "with 95 %% t-intervals and verdicts over them (default: one run per recipe, "
+        "OUT/<recipe>/, at run.seed)",
     )
     p.add_argument(
         "--eval-tasks",
@@ -82,19 +102,54 @@ def run(args: argparse.Namespace) -> int:
     overrides = overrides_from_args(args)
     if "recipe.name" in overrides:
         raise UserError("use --recipes A,B,... (not --recipe)")
-    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    recipes = expand_recipes(args.recipes)
     unknown = [r for r in recipes if r not in list_recipes()]
     if not recipes or unknown:
         raise UserError(
             f"unknown recipe(s) {unknown or recipes}; choose from {', '.join(list_recipes())}"
         )
+    seeds = None if args.seeds is None else parse_seeds(args.seeds)
+    if seeds is not None and "run.seed" in overrides:
+        raise UserError("give either --seeds K,K,... or --seed / --run.seed, not both")
     out = overrides.pop("run.out", None) or DEFAULT_OUT
     base = load_config(args.config, overrides)
     return compare_and_print(with_compare_defaults(base, set(overrides)), recipes, out,
-                             eval_tasks=args.eval_tasks)  # fmt: skip
+                             eval_tasks=args.eval_tasks, seeds=seeds)  # fmt: skip
 
 
-def check_can_start(base: TrainConfig, recipes: Sequence[str], out: str | Path) -> None:
+def parse_seeds(spec: str) -> list[int]:
+    """The seeds of a ``--seeds`` value: comma-separated distinct non-negative integers."""
+    from mxfp8.compare import CompareError, check_seeds
+
+    items = [item.strip() for item in spec.split(",")]
+    if not any(items):
+        raise UserError("--seeds: no seed given; e.g. --seeds 0,1,2")
+    bad = [item for item in items if not item.isdigit()]
+    if bad:
+        raise UserError(f"--seeds: {', '.join(repr(b) for b in bad)} not a non-negative integer "
+                        f"(in {spec!r}); e.g. --seeds 0,1,2")  # fmt: skip
+    try:
+        return check_seeds([int(item) for item in items])
+    except CompareError as exc:
+        raise UserError(f"--seeds: {exc}") from None
+
+
+def expand_recipes(spec: str) -> list[str]:
+    """The recipes of a ``--recipes`` value: names and named sets, comma-separated, each
+    recipe once, in order."""
+    from mxfp8.layers.recipe import list_recipes
+
+    out: list[str] = []
+    for item in (r.strip() for r in spec.split(",")):
+        if not item:
+            continue
+        names = list_recipes() if item == "all" else RECIPE_SETS.get(item, (item,))
+        out += [n for n in names if n not in out]
+    return out
+
+
+def check_can_start(base: TrainConfig, recipes: Sequence[str], out: str | Path,
+                    seeds: Sequence[int] | None = None) -> None:  # fmt: skip
     """Raise a :class:`mxfp8.errors.UserError` now if the comparison cannot start.
 
     :func:`mxfp8.compare.compare` keeps going when one run fails, so that one bad recipe does
@@ -106,7 +161,7 @@ def check_can_start(base: TrainConfig, recipes: Sequence[str], out: str | Path) 
     from mxfp8.train.data import prepare_data, require_tokens
 
     try:
-        plans = plan(base, recipes, Path(out))
+        plans = plan(base, recipes, Path(out), seeds)
     except CompareError as exc:
         raise UserError(str(exc)) from exc
     if all(p.state == "done" for p in plans):
@@ -115,7 +170,7 @@ def check_can_start(base: TrainConfig, recipes: Sequence[str], out: str | Path) 
 
 
 def compare_and_print(base: TrainConfig, recipes: Sequence[str], out: str | Path,
-                      eval_tasks: str = "") -> int:  # fmt: skip
+                      eval_tasks: str = "", seeds: Sequence[int] | None = None) -> int:  # fmt: skip
     """Run :func:`mxfp8.compare.compare`, print the table of final results and the report path.
 
     Shared by ``mxfp8 compare`` and ``mxfp8 demo``. Returns the exit status: 0, 1 when a run
@@ -125,9 +180,9 @@ def compare_and_print(base: TrainConfig, recipes: Sequence[str], out: str | Path
     """
     from mxfp8.compare import CompareError, compare
 
-    check_can_start(base, recipes, out)
+    check_can_start(base, recipes, out, seeds)
     try:
-        result = compare(base, recipes, out, eval_tasks=eval_tasks)
+        result = compare(base, recipes, out, eval_tasks=eval_tasks, seeds=seeds)
     except CompareError as exc:
         raise UserError(str(exc)) from exc
     if result.report is not None:
@@ -146,21 +201,27 @@ def compare_and_print(base: TrainConfig, recipes: Sequence[str], out: str | Path
 
 def print_table(out: str | Path) -> None:
     """Final validation loss, perplexity, gap to the bf16 run, steady-state throughput and
-    wall time of each run in ``out``."""
+    wall time of each run in ``out``; in a multi-seed comparison the gap of each run is to the
+    bf16 run of its seed, and the statistics over seeds follow."""
     from mxfp8.report.html import summary_rows
-    from mxfp8.report.loader import load_runs
+    from mxfp8.report.loader import is_multi_seed, load_runs
 
-    rows = summary_rows(load_runs(Path(out)))
-    base_row = next((r for r in rows if r["recipe"] == "bf16"), None)
-    base_val = base_row["val_loss"] if base_row else None
-    print(f"{'recipe':<20} {'steps':>6} {'val loss':>9} {'val ppl':>9} {'gap to bf16':>12} "
+    runs = load_runs(Path(out))
+    rows = summary_rows(runs)
+    base_rows: dict[Any, dict] = {}  # the bf16 row of each seed (None: single seed)
+    for r in rows:
+        if r["recipe"] == "bf16":
+            base_rows.setdefault(r["seed"], r)
+    width = max(20, *(len(str(r["run"])) for r in rows))
+    print(f"{'recipe':<{width}} {'steps':>6} {'val loss':>9} {'val ppl':>9} {'gap to bf16':>12} "
           f"{'tok/s':>8} {'wall s':>7}")  # fmt: skip
     for r in rows:
         val, ppl = r["val_loss"], r["val_ppl"]
-        gap = "baseline" if r is base_row else _gap(val, base_val)
+        base_row = base_rows.get(r["seed"])
+        gap = "baseline" if r is base_row else _gap(val, base_row and base_row["val_loss"])
         tps, wall = r["tokens_per_s"], r["wall_time_s"]
         print(
-            f"{r['run']:<20} {r['steps'] or '-':>6} "
+            f"{r['run']:<{width}} {r['steps'] or '-':>6} "
             f"{'-' if val is None else f'{val:.4f}':>9} "
             f"{'-' if ppl is None else f'{ppl:.2f}':>9} "
             f"{gap:>12} {'-' if tps is None else f'{tps:.0f}':>8} "
@@ -169,6 +230,48 @@ def print_table(out: str | Path) -> None:
     print("tok/s: steady state (each process's first compile steps left out); wall s: "
           "wall time of the run, set-up and evaluation included")  # fmt: skip
     _print_task_scores(out)
+    if is_multi_seed(runs):
+        print_seed_stats(runs)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:+.2f} %"
+
+
+def print_seed_stats(runs: Sequence[Any]) -> None:
+    """Per recipe, over its seeds: validation loss mean +- std, the mean paired gap to bf16
+    with its 95 % t-interval, the verdict, and the cloze accuracy (mean) where evaluated."""
+    from mxfp8.report.stats import seed_stats
+
+    stats = seed_stats(runs)
+    seeds = sorted({r.seed for r in runs if r.seed is not None})
+    print(f"\nover seeds {', '.join(map(str, seeds))}: val loss mean +- std (ddof=1); gap: paired, "
+          "(run - bf16 of the same seed) / bf16 of that seed; 95 % CI of the mean gap: Student's "
+          "t, n-1 degrees of freedom (n = seeds with a complete run)")  # fmt: skip
+    cloze = any(s.cloze for s in stats)
+    width = max(20, *(len(s.recipe) for s in stats))
+    print(
+        f"{'recipe':<{width}} {'n':>2} {'val loss mean +- std':>21} {'gap mean':>9} "
+        f"{'95 % CI of gap':>21}  verdict" + ("  [cloze acc_mutual_info / acc]" if cloze else "")
+    )
+    for s in stats:
+        loss = "-" if s.val_loss_mean is None else f"{s.val_loss_mean:.4f}"
+        if s.val_loss_std is not None:
+            loss += f" +- {s.val_loss_std:.4f}"
+        gap = "baseline" if s.verdict == "baseline" else _pct(s.gap_mean_pct)
+        iv = s.interval
+        ci = "-" if iv is None else f"[{_pct(iv.low)}, {_pct(iv.high)}]"
+        line = f"{s.recipe:<{width}} {len(s.seeds):>2} {loss:>21} {gap:>9} {ci:>21}  {s.verdict}"
+        if s.diverged:
+            line += f" (diverged: seed {', '.join(map(str, s.diverged))})"
+        if s.incomplete:
+            line += f" (not complete, left out: seed {', '.join(map(str, s.incomplete))})"
+        if cloze and s.cloze:
+            mi, acc = s.cloze.get("acc_mutual_info"), s.cloze.get("acc")
+            mi_text = "-" if mi is None else f"{mi:.3f}"
+            acc_text = "-" if acc is None else f"{acc:.3f}"
+            line += f"  [{mi_text} / {acc_text}, {len(s.cloze_seeds)} seeds]"
+        print(line)
 
 
 def _print_task_scores(out: str | Path) -> None:

@@ -18,8 +18,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mxfp8.report.loader import RunData, baseline, load_runs
+from mxfp8.report.loader import (
+    RunData,
+    baseline,
+    by_recipe,
+    is_multi_seed,
+    load_runs,
+    paired_baseline,
+)
 from mxfp8.report.plots import Plot, all_plots
+from mxfp8.report.stats import BASELINE, GAP_NOTE, INTERVAL_NOTE, WORSE, seed_stats
 
 REPORT_NAME = "report.html"
 PLOTS_DIR = "plots"
@@ -68,12 +76,14 @@ def _gap_pct(value: float | None, base: float | None) -> float | None:
 
 
 def summary_rows(runs: Sequence[RunData]) -> list[dict[str, object]]:
-    """The numbers of the summary table, one dict per run (also used by docs and tests)."""
-    base = baseline(runs)
-    base_val = base.final("final_val_loss") if base else None
-    base_ppl = base.final("final_val_ppl") if base else None
+    """The numbers of the summary table, one dict per run (also used by docs and tests). The
+    gaps are to the bf16 run of the run's seed (:func:`~mxfp8.report.loader.paired_baseline`):
+    in a single-seed comparison, the bf16 run."""
     rows = []
     for run in runs:
+        base = paired_baseline(runs, run)
+        base_val = base.final("final_val_loss") if base else None
+        base_ppl = base.final("final_val_ppl") if base else None
         val = run.final("final_val_loss")
         ppl = run.final("final_val_ppl")
         if ppl is None and val is not None:
@@ -87,6 +97,7 @@ def summary_rows(runs: Sequence[RunData]) -> list[dict[str, object]]:
             {
                 "run": run.name,
                 "recipe": run.recipe,
+                "seed": run.seed,
                 "steps": steps,
                 "val_loss": val,
                 "val_ppl": ppl,
@@ -140,6 +151,56 @@ def _table(runs: Sequence[RunData]) -> str:
             f"<td>{'&ndash;' if skipped is None else skipped}</td>{div}</tr>"
         )
     return f"<table>{head}{''.join(body)}</table>"
+
+
+def _pct(x: float | None) -> str:
+    return "&ndash;" if x is None or not math.isfinite(x) else f"{x:+.3f}"
+
+
+def _seed_table(runs: Sequence[RunData]) -> str:
+    """Per recipe over its seeds: loss mean and std, the mean paired gap with its 95 %
+    t-interval, the verdict, the cloze accuracies (a multi-seed comparison only)."""
+    stats = seed_stats(runs)
+    cloze = any(s.cloze for s in stats)
+    head = (
+        "<tr><th>recipe</th><th>seeds</th><th>final val loss: mean</th><th>std</th>"
+        "<th>paired gap to bf16 (loss %): mean</th><th>95 % confidence interval (t)</th>"
+        "<th>verdict</th><th>gap per seed (%)</th>"
+        + ("<th>cloze acc_mutual_info / acc (mean)</th>" if cloze else "")
+        + "</tr>"
+    )
+    body = []
+    for s in stats:
+        iv = s.interval
+        ci = "&ndash;" if iv is None else (f"[{_pct(iv.low)}, {_pct(iv.high)}] "
+                                           f"(t = {iv.t:.3f}, {iv.df} df)")  # fmt: skip
+        cls = "" if iv is None else (' class="bad"' if s.verdict == WORSE else ' class="good"')
+        verdict = html.escape(s.verdict)
+        if s.diverged:
+            verdict += f"; diverged on seed {', '.join(map(str, s.diverged))}"
+        if s.incomplete:
+            verdict += f"; not complete, left out: seed {', '.join(map(str, s.incomplete))}"
+        per_seed = ", ".join(f"{k}: {_pct(g)}" for k, g in s.gap_pct.items())
+        row = (f"<tr><td>{html.escape(s.recipe)}</td>"
+               f"<td>{', '.join(map(str, s.seeds)) or '&ndash;'}</td>"
+               f"<td>{_fmt(s.val_loss_mean)}</td><td>{_fmt(s.val_loss_std)}</td>"
+               f"<td>{'baseline' if s.verdict == BASELINE else _pct(s.gap_mean_pct)}</td>"
+               f"<td{cls}>{ci}</td><td{cls}>{verdict}</td>"
+               f"<td>{per_seed or '&ndash;'}</td>")  # fmt: skip
+        if cloze:
+            c = s.cloze or {}
+            mi, acc = c.get("acc_mutual_info"), c.get("acc")
+            row += (f"<td>{_fmt(mi, 3)} / {_fmt(acc, 3)} ({len(s.cloze_seeds)} seeds)</td>"
+                    if c else "<td>&ndash;</td>")  # fmt: skip
+        body.append(row + "</tr>")
+    note = (
+        f"Over seeds: {html.escape(GAP_NOTE)}. {html.escape(INTERVAL_NOTE)}; std: ddof=1. "
+        "Verdict: &ldquo;indistinguishable from bf16&rdquo; when the interval contains 0, "
+        "&ldquo;worse&rdquo; when it lies above 0, &ldquo;better&rdquo; below; one seed "
+        "gives no interval and no verdict. Only runs that completed their steps count."
+    )
+    return (f'<table class="seeds">{head}{"".join(body)}</table>\n'
+            f'<p class="note">{note}</p>\n<h3>Runs, seed by seed</h3>')  # fmt: skip
 
 
 def eval_rows(runs: Sequence[RunData]) -> list[dict[str, object]]:
@@ -266,10 +327,17 @@ def render_html(runs: Sequence[RunData], plots: Sequence[Plot], title: str) -> s
         if baseline(runs)
         else "No bf16 run here, so no gap is shown."
     )
+    multi = is_multi_seed(runs)
+    if multi and baseline(runs):
+        gap_note = gap_note.replace("the bf16 run:", "the bf16 run of the same seed:")
     numerics_html = "".join(numerics) or (
         "<p>No numerics telemetry in these runs (bf16 only, or telemetry off: set "
         "<code>run.telemetry_every</code>).</p>"
     )
+    if multi and numerics:
+        numerics_html = ('<p class="note">The first seed of each recipe; every seed\'s '
+                         "<code>numerics.jsonl</code> is in its run directory.</p>"
+                         + numerics_html)  # fmt: skip
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -284,7 +352,7 @@ def render_html(runs: Sequence[RunData], plots: Sequence[Plot], title: str) -> s
 <p class="note">Generated {stamp} by <code>mxfp8 report</code> from {len(runs)} run
 director{"y" if len(runs) == 1 else "ies"}.</p>
 <h2>Summary</h2>
-{_table(runs)}
+{_seed_table(runs) if multi else ""}{_table(runs)}
 <p class="note">{gap_note}</p>
 <h2>Loss</h2>
 {"".join(overview) or "<p>No metrics logged yet.</p>"}
@@ -321,6 +389,10 @@ def write_report(directory: str | Path, out: str | Path | None = None) -> Path:
         if len(runs) == 1
         else f"mxfp8 comparison: {', '.join(r.name for r in runs)}"
     )
+    if is_multi_seed(runs):
+        seeds = sorted({r.seed for r in runs if r.seed is not None})
+        title = (f"mxfp8 comparison: {', '.join(by_recipe(runs))} "
+                 f"(seeds {', '.join(map(str, seeds))})")  # fmt: skip
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     tmp.write_text(render_html(runs, plots, title), encoding="utf-8")
     os.replace(tmp, out_path)

@@ -18,7 +18,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from mxfp8.report.loader import RunData, baseline
+from mxfp8.report.loader import RunData, baseline, by_recipe, is_multi_seed, paired_baseline
 
 # The six quantized operands of a linear layer, in the order of the three GEMMs.
 OPERANDS: tuple[tuple[str, str], ...] = (
@@ -299,9 +299,100 @@ def tensorwise_scales(run: RunData) -> Plot | None:
     return Plot(f"{run.name}_tensor_scale", f"{run.name}: per-tensor scales", _render(fig))
 
 
+BAND = "band: min to max over seeds"
+
+
+def _seeds_text(runs: Sequence[RunData]) -> str:
+    return ", ".join(str(k) for k in sorted({r.seed for r in runs if r.seed is not None}))
+
+
+def _over_seeds(curves: Sequence[tuple[Sequence[float], Sequence[float]]]):
+    """(steps, mean, min, max) over curves, on the steps every curve has; NaN where a seed
+    is NaN (a blow-up stays visible)."""
+    if not curves:
+        return np.array([]), np.array([]), np.array([]), np.array([])
+    points = [dict(zip(map(float, steps), values, strict=True)) for steps, values in curves]
+    common = sorted(set.intersection(*(set(p) for p in points)))
+    if not common:
+        return np.array([]), np.array([]), np.array([]), np.array([])
+    grid = np.array([[p[s] for s in common] for p in points], dtype=float)  # (seed, step)
+    return np.array(common), grid.mean(axis=0), grid.min(axis=0), grid.max(axis=0)
+
+
+def _band(ax, curves, color: str, label: str, **line) -> bool:
+    steps, mid, lo, hi = _over_seeds(curves)
+    if not len(steps):
+        return False
+    ax.fill_between(steps, lo, hi, color=color, alpha=0.2, linewidth=0)
+    ax.plot(steps, mid, color=color, label=label, **line)
+    return True
+
+
+def loss_curves_over_seeds(runs: Sequence[RunData]) -> Plot | None:
+    """Train loss (EMA of each seed) and validation loss per recipe: the mean over its seeds,
+    with a band from the lowest to the highest seed at each step."""
+    if not any(r.series("loss")[0] for r in runs):
+        return None
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    ax_train, ax_val = fig.subplots(1, 2)
+    for i, (recipe, group) in enumerate(by_recipe(runs).items()):
+        color, n = f"C{i % 10}", len(group)
+        train = []
+        for run in group:
+            steps, loss = run.series("loss")
+            if steps:
+                train.append((steps, smooth(loss, default_span(len(loss)))))
+        _band(ax_train, train, color, f"{recipe} ({n} seeds)")
+        val = [run.series("val_loss") for run in group if run.series("val_loss")[0]]
+        _band(ax_val, val, color, f"{recipe} ({n} seeds)", marker="o", markersize=3)
+    ax_train.set(title=f"training loss (EMA): mean over seeds, {BAND}", xlabel="step",
+                 ylabel="loss")  # fmt: skip
+    ax_val.set(title=f"validation loss: mean over seeds, {BAND}", xlabel="step", ylabel="loss")
+    for ax in (ax_train, ax_val):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    title = f"Loss curves: mean over seeds {_seeds_text(runs)}; shaded {BAND}"
+    return Plot("loss", title, _render(fig))
+
+
+def gap_curves_over_seeds(runs: Sequence[RunData]) -> Plot | None:
+    """Per recipe, the gap of each seed to the bf16 run of the same seed (train EMA, and
+    validation): their mean, with a band from the lowest to the highest seed."""
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
+    drew = False
+    for i, (recipe, group) in enumerate(by_recipe(runs).items()):
+        pairs = [(r, b) for r in group if (b := paired_baseline(runs, r)) and b is not r]
+        if not pairs:
+            continue
+        color = f"C{i % 10}"
+        train = [g for r, b in pairs if len((g := relative_gap(r, b, "loss"))[0])]
+        drew |= _band(ax, train, color, f"{recipe} (train, EMA; {len(pairs)} seeds)")
+        val = [g for r, b in pairs if len((g := relative_gap(r, b, "val_loss"))[0])]
+        drew |= _band(ax, val, color, f"{recipe} (val)", linestyle="--", marker="o",
+                      markersize=3)  # fmt: skip
+    if not drew:
+        return None
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set(title="paired loss gap to bf16 of the same seed (%; > 0 is worse)", xlabel="step",
+           ylabel="gap (%)")  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    title = (f"Relative gap to bf16, seed by seed: mean over seeds {_seeds_text(runs)}; "
+             f"shaded {BAND}")  # fmt: skip
+    return Plot("gap", title, _render(fig))
+
+
 def all_plots(runs: Sequence[RunData]) -> list[Plot]:
-    """Every figure the report shows, in reading order."""
-    plots = [loss_curves(runs), gap_curves(runs)]
+    """Every figure the report shows, in reading order. In a multi-seed comparison: loss and
+    gap curves over seeds, and the numerics of each recipe's first seed only (one set of
+    heatmaps per recipe, not per run)."""
+    if is_multi_seed(runs):
+        plots = [loss_curves_over_seeds(runs), gap_curves_over_seeds(runs)]
+        runs = [group[0] for group in by_recipe(runs).values()]
+    else:
+        plots = [loss_curves(runs), gap_curves(runs)]
     for run in runs:
         plots.extend(numerics_heatmap(run, m) for m in HEATMAP_METRICS)
         plots.append(scale_histograms(run))
