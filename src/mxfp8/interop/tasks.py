@@ -211,11 +211,11 @@ def evaluate_task(model: Transformer, tok: Tokenizer, task: Task, *, num_fewshot
 # --- the built-in task: cloze over held-out lines --------------------------------------------
 
 CLOZE = "cloze"
-CLOZE_MAX_TOKENS = 400_000  # of the split decoded to build it: plenty for 200 items
+CLOZE_MAX_TOKENS = 400_000  # of the split decoded to build it: plenty for 1000 items
 CLOZE_MIN_CHARS = 20  # lines shorter than this (speaker tags, blank lines) are not candidates
 
 
-def cloze_task(text: str, *, n_items: int = 200, context_lines: int = 4, n_choices: int = 4,
+def cloze_task(text: str, *, n_items: int = 1000, context_lines: int = 4, n_choices: int = 4,
                seed: int = 0) -> Task:  # fmt: skip
     """Items from held-out text: a passage of ``context_lines`` consecutive lines, and
     ``n_choices`` candidate next lines: the true one and others drawn from elsewhere in the
