@@ -159,7 +159,8 @@ def test_eval_tasks_are_scored_once_and_shown(comparison, cache, capsys, tmp_pat
         evals = json.loads((comparison / recipe / "eval.json").read_text())["evaluations"]
         assert len(evals) == 1 and evals[0]["recipe"] == recipe
         scores = evals[0]["tasks"]
-        assert set(scores) == {"cloze", "mini"} and scores["cloze"]["items"] == 200
+        # cloze takes up to 1000 items: here all that the small test split holds
+        assert set(scores) == {"cloze", "mini"} and 200 < scores["cloze"]["items"] <= 1000
         assert scores["mini"]["items"] == 3 and 0 <= scores["mini"]["acc"] <= 1
         assert f"cloze acc {scores['cloze']['acc']:.3f}" in out.out
     assert "Evaluations" in (comparison / "report.html").read_text()
