@@ -19,6 +19,7 @@ from mxfp8.report.stats import (
     ONE_SEED,
     WORSE,
     Interval,
+    against,
     mean,
     sample_std,
     seed_stats,
@@ -139,6 +140,40 @@ def test_seed_stats_pair_each_seed_with_its_bf16_run(tmp_path):
     assert floor["df"] == 2 and floor["verdict"] == WORSE and floor["seeds"] == [0, 1, 2]
     assert floor["gap_ci95_pct"] == pytest.approx([1 - half * 0.1, 1 + half * 0.1], rel=1e-9)
     assert js["recipes"]["bf16"]["gap_ci95_pct"] is None
+
+
+def test_ablations_are_paired_against_mxfp8_seed_by_seed(tmp_path, capsys):
+    def on_mxfp8(gaps):
+        return [m * (1 + g / 100) for m, g in zip(LOSSES["mxfp8"], gaps, strict=True)]
+
+    losses = {**LOSSES, "mxfp8-floor": on_mxfp8([0.4, 0.5, 0.6]),
+              "fp8-tensorwise": on_mxfp8([-1.0, 1.0, 3.0])}  # fmt: skip
+    runs = load_runs(make_seeded_comparison(tmp_path, losses))
+    pairs = {p.recipe: p for p in against(runs)}
+    assert set(pairs) == {"mxfp8-floor", "fp8-tensorwise"}  # not bf16, not mxfp8 itself
+    floor = pairs["mxfp8-floor"]
+    assert floor.gap_pct == pytest.approx({0: 0.4, 1: 0.5, 2: 0.6}, rel=1e-9)
+    half = _t2(0.975) / math.sqrt(3) * 0.1
+    assert (floor.interval.low, floor.interval.high) == pytest.approx((0.5 - half, 0.5 + half))
+    # worse than mxfp8, though against bf16 (whose gap to mxfp8 swings 1-3 %) it is not
+    assert floor.verdict == WORSE
+    assert {s.recipe: s for s in seed_stats(runs)}["mxfp8-floor"].verdict == INDISTINGUISHABLE
+    assert pairs["fp8-tensorwise"].verdict == "indistinguishable from mxfp8"
+    js = stats_json(runs)["against_mxfp8"]
+    assert js["mxfp8-floor"]["verdict"] == WORSE and js["mxfp8-floor"]["gap_mean_pct"] > 0.49
+    assert against(runs, reference="mxfp9") == []
+    from mxfp8.cli.compare import print_seed_stats
+    from mxfp8.report.html import _against_table
+
+    page = _against_table(runs)
+    ci = f"[{floor.interval.low:+.3f}, {floor.interval.high:+.3f}]"
+    assert "<h3>Against mxfp8</h3>" in page and f'<td class="bad">{ci}</td>' in page
+    assert "0: +0.400, 1: +0.500, 2: +0.600" in page
+    print_seed_stats(runs)
+    text = capsys.readouterr().out.split("against mxfp8, paired")[1]
+    floor_line = next(line for line in text.splitlines() if line.startswith("mxfp8-floor"))
+    assert "+0.50 %" in floor_line and floor_line.endswith(WORSE)
+    assert "against_mxfp8" not in stats_json([r for r in runs if r.key != "mxfp8"])
 
 
 def test_incomplete_runs_one_seed_and_cloze(tmp_path):

@@ -272,6 +272,23 @@ def print_seed_stats(runs: Sequence[Any]) -> None:
             acc_text = "-" if acc is None else f"{acc:.3f}"
             line += f"  [{mi_text} / {acc_text}, {len(s.cloze_seeds)} seeds]"
         print(line)
+    _print_against(runs, width)
+
+
+def _print_against(runs: Sequence[Any], width: int) -> None:
+    """Each ablation against mxfp8, paired seed by seed (when mxfp8 is in the comparison)."""
+    from mxfp8.report.stats import PAIR_REFERENCE, against
+
+    pairs = against(runs)
+    if not pairs:
+        return
+    print(f"\nagainst {PAIR_REFERENCE}, paired the same way: (run - {PAIR_REFERENCE} of the "
+          f"same seed) / {PAIR_REFERENCE} of that seed")  # fmt: skip
+    for p in pairs:
+        iv = p.interval
+        ci = "-" if iv is None else f"[{_pct(iv.low)}, {_pct(iv.high)}]"
+        print(f"{p.recipe:<{width}} {len(p.gap_pct):>2} {'':>21} {_pct(p.gap_mean_pct):>9} "
+              f"{ci:>21}  {p.verdict}")  # fmt: skip
 
 
 def _print_task_scores(out: str | Path) -> None:

@@ -27,7 +27,15 @@ from mxfp8.report.loader import (
     paired_baseline,
 )
 from mxfp8.report.plots import Plot, all_plots
-from mxfp8.report.stats import BASELINE, GAP_NOTE, INTERVAL_NOTE, WORSE, seed_stats
+from mxfp8.report.stats import (
+    BASELINE,
+    GAP_NOTE,
+    INTERVAL_NOTE,
+    PAIR_REFERENCE,
+    WORSE,
+    against,
+    seed_stats,
+)
 
 REPORT_NAME = "report.html"
 PLOTS_DIR = "plots"
@@ -200,7 +208,32 @@ def _seed_table(runs: Sequence[RunData]) -> str:
         "gives no interval and no verdict. Only runs that completed their steps count."
     )
     return (f'<table class="seeds">{head}{"".join(body)}</table>\n'
-            f'<p class="note">{note}</p>\n<h3>Runs, seed by seed</h3>')  # fmt: skip
+            f'<p class="note">{note}</p>\n{_against_table(runs)}'
+            "<h3>Runs, seed by seed</h3>")  # fmt: skip
+
+
+def _against_table(runs: Sequence[RunData]) -> str:
+    """Each ablation against mxfp8, paired seed by seed; empty without an mxfp8 recipe."""
+    pairs = against(runs)
+    if not pairs:
+        return ""
+    ref = html.escape(PAIR_REFERENCE)
+    rows = []
+    for p in pairs:
+        iv = p.interval
+        ci = "&ndash;" if iv is None else f"[{_pct(iv.low)}, {_pct(iv.high)}]"
+        cls = "" if iv is None else (' class="bad"' if p.verdict == WORSE else ' class="good"')
+        per_seed = ", ".join(f"{k}: {_pct(g)}" for k, g in p.gap_pct.items())
+        rows.append(f"<tr><td>{html.escape(p.recipe)}</td><td>{_pct(p.gap_mean_pct)}</td>"
+                    f"<td{cls}>{ci}</td><td{cls}>{html.escape(p.verdict)}</td>"
+                    f"<td>{per_seed or '&ndash;'}</td></tr>")  # fmt: skip
+    return (
+        f'<h3>Against {ref}</h3>\n<table class="seeds"><tr><th>recipe</th>'
+        f"<th>paired gap to {ref} (loss %): mean</th><th>95 % confidence interval (t)</th>"
+        f"<th>verdict</th><th>gap per seed (%)</th></tr>{''.join(rows)}</table>\n"
+        f'<p class="note">The same statistics with {ref} in place of bf16: is an '
+        f"ablation worse than the recipe it ablates?</p>\n"
+    )
 
 
 def eval_rows(runs: Sequence[RunData]) -> list[dict[str, object]]:

@@ -33,6 +33,7 @@ GAP_NOTE = (
     "* 100; > 0 is worse"
 )
 CLOZE = "cloze"
+PAIR_REFERENCE = "mxfp8"  # the second reference of a comparison: what the ablations ablate
 
 
 def mean(values: Sequence[float]) -> float:
@@ -157,16 +158,17 @@ def t_interval(values: Sequence[float], level: float = LEVEL) -> Interval | None
     return Interval(mean=m, low=m - half, high=m + half, n=n, t=t, level=level)
 
 
-def verdict(interval: Interval | None) -> str:
-    """What the interval of the gap says: it contains 0 (edges included) -> indistinguishable;
-    above 0 -> worse (higher loss); below -> better; no interval (one seed) -> no verdict."""
+def verdict(interval: Interval | None, reference: str = BASELINE_RECIPE) -> str:
+    """What the interval of the gap says: it contains 0 (edges included) -> indistinguishable
+    (from ``reference``); above 0 -> worse (higher loss); below -> better; no interval (one
+    seed) -> no verdict."""
     if interval is None:
         return ONE_SEED
     if interval.low > 0.0:
         return WORSE
     if interval.high < 0.0:
         return BETTER
-    return INDISTINGUISHABLE
+    return f"indistinguishable from {reference}"
 
 
 def is_complete(run: RunData) -> bool:
@@ -281,12 +283,68 @@ def seed_stats(runs: Sequence[RunData]) -> list[RecipeStats]:
     return out
 
 
+@dataclass
+class PairStats:
+    """One recipe against a reference recipe other than bf16, seed by seed (paired)."""
+
+    recipe: str
+    reference: str
+    gap_pct: dict[int, float]  # (run - reference of the same seed) / reference * 100
+    gap_mean_pct: float | None
+    interval: Interval | None
+    verdict: str
+
+    def to_json(self) -> dict[str, Any]:
+        iv = self.interval
+        return {
+            "gap_pct": {str(k): v for k, v in self.gap_pct.items()},
+            "gap_mean_pct": self.gap_mean_pct,
+            "gap_ci95_pct": None if iv is None else [iv.low, iv.high],
+            "verdict": self.verdict,
+        }
+
+
+def _final_losses(group: Sequence[RunData]) -> dict[int, float]:
+    """seed -> final validation loss of each completed run of one recipe."""
+    out = {}
+    for run in group:
+        loss = run.final("final_val_loss")
+        if is_complete(run) and loss is not None:
+            out[run.seed if run.seed is not None else 0] = loss
+    return out
+
+
+def against(runs: Sequence[RunData], reference: str = PAIR_REFERENCE) -> list[PairStats]:
+    """Every recipe but bf16 and ``reference`` against ``reference`` (by default mxfp8, the
+    paper's recipe), paired seed by seed like the gap to bf16: is an ablation worse than the
+    recipe it ablates? Empty when no recipe directory is named ``reference``."""
+    groups = by_recipe(runs)
+    if reference not in groups:
+        return []
+    ref = _final_losses(groups[reference])
+    out = []
+    for key, group in groups.items():
+        if key == reference or all(r.recipe == BASELINE_RECIPE for r in group):
+            continue
+        mine = _final_losses(group)
+        gaps = {k: (v - ref[k]) / ref[k] * 100.0 for k, v in mine.items() if ref.get(k)}
+        iv = t_interval(list(gaps.values()))
+        text = verdict(iv, reference) if gaps else f"no {reference} run of the same seed"
+        out.append(PairStats(key, reference, gaps, mean(list(gaps.values())) if gaps else None,
+                             iv, text))  # fmt: skip
+    return out
+
+
 def stats_json(runs: Sequence[RunData]) -> dict[str, Any]:
     """What ``comparison.json`` holds about the seeds: the definitions and each recipe."""
-    return {
+    pairs = against(runs)
+    out = {
         "gap": GAP_NOTE,
         "interval": INTERVAL_NOTE,
         "val_loss_std": "sample standard deviation over seeds (ddof=1)",
         "cloze": "mean over seeds of each run's latest cloze scores (eval.json)",
         "recipes": {s.recipe: s.to_json() for s in seed_stats(runs)},
     }
+    if pairs:
+        out[f"against_{PAIR_REFERENCE}"] = {p.recipe: p.to_json() for p in pairs}
+    return out
