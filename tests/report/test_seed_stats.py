@@ -149,7 +149,7 @@ def test_ablations_are_paired_against_mxfp8_seed_by_seed(tmp_path, capsys):
     losses = {**LOSSES, "mxfp8-floor": on_mxfp8([0.4, 0.5, 0.6]),
               "fp8-tensorwise": on_mxfp8([-1.0, 1.0, 3.0])}  # fmt: skip
     runs = load_runs(make_seeded_comparison(tmp_path, losses))
-    pairs = {p.recipe: p for p in against(runs)}
+    pairs = {p.recipe: p for p in against(seed_stats(runs))}
     assert set(pairs) == {"mxfp8-floor", "fp8-tensorwise"}  # not bf16, not mxfp8 itself
     floor = pairs["mxfp8-floor"]
     assert floor.gap_pct == pytest.approx({0: 0.4, 1: 0.5, 2: 0.6}, rel=1e-9)
@@ -161,11 +161,11 @@ def test_ablations_are_paired_against_mxfp8_seed_by_seed(tmp_path, capsys):
     assert pairs["fp8-tensorwise"].verdict == "indistinguishable from mxfp8"
     js = stats_json(runs)["against_mxfp8"]
     assert js["mxfp8-floor"]["verdict"] == WORSE and js["mxfp8-floor"]["gap_mean_pct"] > 0.49
-    assert against(runs, reference="mxfp9") == []
+    assert against(seed_stats(runs), reference="mxfp9") == []
     from mxfp8.cli.compare import print_seed_stats
     from mxfp8.report.html import _against_table
 
-    page = _against_table(runs)
+    page = _against_table(seed_stats(runs))
     ci = f"[{floor.interval.low:+.3f}, {floor.interval.high:+.3f}]"
     assert "<h3>Against mxfp8</h3>" in page and f'<td class="bad">{ci}</td>' in page
     assert "0: +0.400, 1: +0.500, 2: +0.600" in page

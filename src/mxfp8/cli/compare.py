@@ -272,14 +272,14 @@ def print_seed_stats(runs: Sequence[Any]) -> None:
             acc_text = "-" if acc is None else f"{acc:.3f}"
             line += f"  [{mi_text} / {acc_text}, {len(s.cloze_seeds)} seeds]"
         print(line)
-    _print_against(runs, width)
+    _print_against(stats, width)
 
 
-def _print_against(runs: Sequence[Any], width: int) -> None:
+def _print_against(stats: Sequence[Any], width: int) -> None:
     """Each ablation against mxfp8, paired seed by seed (when mxfp8 is in the comparison)."""
     from mxfp8.report.stats import PAIR_REFERENCE, against
 
-    pairs = against(runs)
+    pairs = against(stats)
     if not pairs:
         return
     print(f"\nagainst {PAIR_REFERENCE}, paired the same way: (run - {PAIR_REFERENCE} of the "

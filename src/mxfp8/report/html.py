@@ -33,6 +33,7 @@ from mxfp8.report.stats import (
     INTERVAL_NOTE,
     PAIR_REFERENCE,
     WORSE,
+    RecipeStats,
     against,
     seed_stats,
 )
@@ -208,13 +209,13 @@ def _seed_table(runs: Sequence[RunData]) -> str:
         "gives no interval and no verdict. Only runs that completed their steps count."
     )
     return (f'<table class="seeds">{head}{"".join(body)}</table>\n'
-            f'<p class="note">{note}</p>\n{_against_table(runs)}'
+            f'<p class="note">{note}</p>\n{_against_table(stats)}'
             "<h3>Runs, seed by seed</h3>")  # fmt: skip
 
 
-def _against_table(runs: Sequence[RunData]) -> str:
+def _against_table(stats: Sequence[RecipeStats]) -> str:
     """Each ablation against mxfp8, paired seed by seed; empty without an mxfp8 recipe."""
-    pairs = against(runs)
+    pairs = against(stats)
     if not pairs:
         return ""
     ref = html.escape(PAIR_REFERENCE)

@@ -171,6 +171,11 @@ def verdict(interval: Interval | None, reference: str = BASELINE_RECIPE) -> str:
     return f"indistinguishable from {reference}"
 
 
+def _gap_pct(loss: float, reference_loss: float) -> float:
+    """The relative gap of ``loss`` to the reference's loss of the same seed, in %."""
+    return (loss - reference_loss) / reference_loss * 100.0
+
+
 def is_complete(run: RunData) -> bool:
     """The run finished its planned steps (summary.json against config.toml)."""
     done = run.summary.get("steps")
@@ -255,7 +260,7 @@ def seed_stats(runs: Sequence[RunData]) -> list[RecipeStats]:
             base = paired_baseline(runs, run)
             base_loss = base.final("final_val_loss") if base and is_complete(base) else None
             if not is_base and base_loss:
-                gaps[seed] = (loss - base_loss) / base_loss * 100.0
+                gaps[seed] = _gap_pct(loss, base_loss)
         values = list(val.values())
         st = RecipeStats(
             recipe=recipe,
@@ -304,46 +309,36 @@ class PairStats:
         }
 
 
-def _final_losses(group: Sequence[RunData]) -> dict[int, float]:
-    """seed -> final validation loss of each completed run of one recipe."""
-    out = {}
-    for run in group:
-        loss = run.final("final_val_loss")
-        if is_complete(run) and loss is not None:
-            out[run.seed if run.seed is not None else 0] = loss
-    return out
-
-
-def against(runs: Sequence[RunData], reference: str = PAIR_REFERENCE) -> list[PairStats]:
-    """Every recipe but bf16 and ``reference`` against ``reference`` (by default mxfp8, the
-    paper's recipe), paired seed by seed like the gap to bf16: is an ablation worse than the
-    recipe it ablates? Empty when no recipe directory is named ``reference``."""
-    groups = by_recipe(runs)
-    if reference not in groups:
+def against(stats: Sequence[RecipeStats], reference: str = PAIR_REFERENCE) -> list[PairStats]:
+    """Every recipe of ``stats`` (:func:`seed_stats`) but bf16 and ``reference`` against
+    ``reference`` (by default mxfp8, the paper's recipe), paired seed by seed like the gap to
+    bf16: is an ablation worse than the recipe it ablates? Empty when no recipe is
+    ``reference``."""
+    ref = next((s.val_loss for s in stats if s.recipe == reference), None)
+    if ref is None:
         return []
-    ref = _final_losses(groups[reference])
     out = []
-    for key, group in groups.items():
-        if key == reference or all(r.recipe == BASELINE_RECIPE for r in group):
+    for s in stats:
+        if s.recipe == reference or s.verdict == BASELINE:
             continue
-        mine = _final_losses(group)
-        gaps = {k: (v - ref[k]) / ref[k] * 100.0 for k, v in mine.items() if ref.get(k)}
+        gaps = {k: _gap_pct(v, ref[k]) for k, v in s.val_loss.items() if ref.get(k)}
         iv = t_interval(list(gaps.values()))
         text = verdict(iv, reference) if gaps else f"no {reference} run of the same seed"
-        out.append(PairStats(key, reference, gaps, mean(list(gaps.values())) if gaps else None,
-                             iv, text))  # fmt: skip
+        out.append(PairStats(s.recipe, reference, gaps,
+                             mean(list(gaps.values())) if gaps else None, iv, text))  # fmt: skip
     return out
 
 
 def stats_json(runs: Sequence[RunData]) -> dict[str, Any]:
     """What ``comparison.json`` holds about the seeds: the definitions and each recipe."""
-    pairs = against(runs)
+    stats = seed_stats(runs)
+    pairs = against(stats)
     out = {
         "gap": GAP_NOTE,
         "interval": INTERVAL_NOTE,
         "val_loss_std": "sample standard deviation over seeds (ddof=1)",
         "cloze": "mean over seeds of each run's latest cloze scores (eval.json)",
-        "recipes": {s.recipe: s.to_json() for s in seed_stats(runs)},
+        "recipes": {s.recipe: s.to_json() for s in stats},
     }
     if pairs:
         out[f"against_{PAIR_REFERENCE}"] = {p.recipe: p.to_json() for p in pairs}
