@@ -145,7 +145,7 @@ def test_sigterm_stops_the_whole_comparison_and_it_resumes(tmp_path, cache, comp
         assert _losses(out / recipe) == _losses(comparison / recipe)
 
 
-def test_eval_tasks_are_scored_once_and_shown(comparison, cache, capsys, tmp_path):
+def test_eval_tasks_are_scored_once_and_shown(comparison, cache, capsys, tmp_path, monkeypatch):
     items = [{"context": "the scale of the", "choices": ["block", "zebra quartz"], "label": 0},
              {"context": "loss step layer", "choices": ["model", "xylophone"], "label": 0},
              {"context": "a gradient", "choices": ["weight", "of the"], "label": 1}]  # fmt: skip
@@ -164,9 +164,21 @@ def test_eval_tasks_are_scored_once_and_shown(comparison, cache, capsys, tmp_pat
         assert scores["mini"]["items"] == 3 and 0 <= scores["mini"]["acc"] <= 1
         assert f"cloze acc {scores['cloze']['acc']:.3f}" in out.out
     assert "Evaluations" in (comparison / "report.html").read_text()
-    assert main(args) == 0  # scored already: not again
+    import mxfp8.interop.source as source
+
+    loads = []
+    original = source.open_model
+    monkeypatch.setattr(source, "open_model", lambda *a, **k: loads.append(a) or original(*a, **k))
+    assert main(args) == 0  # scored already: not again, and no model is even loaded
     evals = json.loads((comparison / "bf16" / "eval.json").read_text())["evaluations"]
-    assert len(evals) == 1
+    assert len(evals) == 1 and loads == []
+    other = tmp_path / "other.jsonl"
+    other.write_text(task.read_text())
+    assert main([*args[:-1], f"{args[-1]},{other}"]) == 0  # a new task: both runs again
+    assert len(loads) == 2
+    for recipe in ("bf16", "mxfp8-floor"):
+        evals = json.loads((comparison / recipe / "eval.json").read_text())["evaluations"]
+        assert len(evals) == 2 and set(evals[1]["tasks"]) == {"cloze", "mini", "other"}
 
 
 def test_recipe_sets_expand_in_order_without_repeats():

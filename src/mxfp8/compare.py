@@ -294,14 +294,12 @@ def evaluate_run(run_dir: Path, specs: str) -> None:
     from mxfp8.interop.evaluate import append_evaluation
     from mxfp8.interop.source import eval_split, open_model
 
-    loaded = open_model(run_dir)
     path = run_dir / EVAL_FILE
     names = mc.task_names(specs)
     known = json.loads(path.read_text()).get("evaluations", []) if path.is_file() else []
-    for e in known:
-        same_model = e.get("source") == loaded.source and e.get("recipe") == loaded.recipe
-        if same_model and names <= set(e.get("tasks") or {}):
-            return
+    if _scored_already(run_dir, names, known):  # without loading the model
+        return
+    loaded = open_model(run_dir)
     tokens, what = eval_split(loaded)
     name = run_dir.name  # a seed's run: <recipe>/seed<k>
     if SEED_DIR.fullmatch(name):
@@ -310,6 +308,25 @@ def evaluate_run(run_dir: Path, specs: str) -> None:
     scores = mc.evaluate_tasks(loaded.model, loaded.tokenizer, specs, tokens)
     append_evaluation(path, {"source": loaded.source, "recipe": loaded.recipe, "data": what,
                              "tasks": scores})  # fmt: skip
+
+
+def _scored_already(run_dir: Path, names: set[str], known: Sequence[dict[str, Any]]) -> bool:
+    """Whether ``known`` (``eval.json``'s evaluations) scores every task of ``names`` on the
+    run's latest intact checkpoint under its own recipe: the entries :func:`open_model` would
+    write for it name that checkpoint as ``"<dir> (step N)"`` and the recipe of its config."""
+    from mxfp8.train.checkpoint_load import find_checkpoint
+    from mxfp8.train.manifest import CONFIG_FILE
+
+    if not known:
+        return False
+    ck = find_checkpoint(run_dir, None)
+    recipe = load_config(ck / CONFIG_FILE).recipe.name
+    for e in known:
+        source = str(e.get("source", ""))
+        same_model = source.startswith(f"{ck} (step ") and e.get("recipe") == recipe
+        if same_model and names <= set(e.get("tasks") or {}):
+            return True
+    return False
 
 
 def _newer_than_runs(report: Path, run_dirs: Sequence[Path]) -> bool:
