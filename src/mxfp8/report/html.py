@@ -183,7 +183,7 @@ def _seed_table(runs: Sequence[RunData]) -> str:
         iv = s.interval
         ci = "&ndash;" if iv is None else (f"[{_pct(iv.low)}, {_pct(iv.high)}] "
                                            f"(t = {iv.t:.3f}, {iv.df} df)")  # fmt: skip
-        cls = "" if iv is None else (' class="bad"' if s.verdict == WORSE else ' class="good"')
+        cls = _verdict_class(iv, s.verdict)
         verdict = html.escape(s.verdict)
         if s.diverged:
             verdict += f"; diverged on seed {', '.join(map(str, s.diverged))}"
@@ -213,6 +213,14 @@ def _seed_table(runs: Sequence[RunData]) -> str:
             "<h3>Runs, seed by seed</h3>")  # fmt: skip
 
 
+def _verdict_class(interval: Any, verdict: str) -> str:
+    """The cell class of an interval and its verdict: none without an interval, "bad" when
+    worse, else "good"."""
+    if interval is None:
+        return ""
+    return ' class="bad"' if verdict == WORSE else ' class="good"'
+
+
 def _against_table(stats: Sequence[RecipeStats]) -> str:
     """Each ablation against mxfp8, paired seed by seed; empty without an mxfp8 recipe."""
     pairs = against(stats)
@@ -223,7 +231,7 @@ def _against_table(stats: Sequence[RecipeStats]) -> str:
     for p in pairs:
         iv = p.interval
         ci = "&ndash;" if iv is None else f"[{_pct(iv.low)}, {_pct(iv.high)}]"
-        cls = "" if iv is None else (' class="bad"' if p.verdict == WORSE else ' class="good"')
+        cls = _verdict_class(iv, p.verdict)
         per_seed = ", ".join(f"{k}: {_pct(g)}" for k, g in p.gap_pct.items())
         rows.append(f"<tr><td>{html.escape(p.recipe)}</td><td>{_pct(p.gap_mean_pct)}</td>"
                     f"<td{cls}>{ci}</td><td{cls}>{html.escape(p.verdict)}</td>"
