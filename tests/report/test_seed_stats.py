@@ -163,9 +163,9 @@ def test_ablations_are_paired_against_mxfp8_seed_by_seed(tmp_path, capsys):
     assert js["mxfp8-floor"]["verdict"] == WORSE and js["mxfp8-floor"]["gap_mean_pct"] > 0.49
     assert against(seed_stats(runs), reference="mxfp9") == []
     from mxfp8.cli.compare import print_seed_stats
-    from mxfp8.report.html import _against_table
+    from mxfp8.report.seed_tables import against_table
 
-    page = _against_table(seed_stats(runs))
+    page = against_table(seed_stats(runs))
     ci = f"[{floor.interval.low:+.3f}, {floor.interval.high:+.3f}]"
     assert "<h3>Against mxfp8</h3>" in page and f'<td class="bad">{ci}</td>' in page
     assert "0: +0.400, 1: +0.500, 2: +0.600" in page

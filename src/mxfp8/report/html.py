@@ -27,16 +27,8 @@ from mxfp8.report.loader import (
     paired_baseline,
 )
 from mxfp8.report.plots import Plot, all_plots
-from mxfp8.report.stats import (
-    BASELINE,
-    GAP_NOTE,
-    INTERVAL_NOTE,
-    PAIR_REFERENCE,
-    WORSE,
-    RecipeStats,
-    against,
-    seed_stats,
-)
+from mxfp8.report.seed_tables import fmt as _fmt
+from mxfp8.report.seed_tables import seed_table
 
 REPORT_NAME = "report.html"
 PLOTS_DIR = "plots"
@@ -66,12 +58,6 @@ window.addEventListener("load", function () {
   document.body.setAttribute("data-images-ok", String(ok));
 });
 """
-
-
-def _fmt(x: float | None, digits: int = 4) -> str:
-    if x is None or not math.isfinite(x):
-        return "&ndash;"
-    return f"{x:.{digits}g}" if abs(x) >= 1e4 else f"{x:.{digits}f}"
 
 
 def _safe_stem(name: str) -> str:
@@ -160,89 +146,6 @@ def _table(runs: Sequence[RunData]) -> str:
             f"<td>{'&ndash;' if skipped is None else skipped}</td>{div}</tr>"
         )
     return f"<table>{head}{''.join(body)}</table>"
-
-
-def _pct(x: float | None) -> str:
-    return "&ndash;" if x is None or not math.isfinite(x) else f"{x:+.3f}"
-
-
-def _seed_table(runs: Sequence[RunData]) -> str:
-    """Per recipe over its seeds: loss mean and std, the mean paired gap with its 95 %
-    t-interval, the verdict, the cloze accuracies (a multi-seed comparison only)."""
-    stats = seed_stats(runs)
-    cloze = any(s.cloze for s in stats)
-    head = (
-        "<tr><th>recipe</th><th>seeds</th><th>final val loss: mean</th><th>std</th>"
-        "<th>paired gap to bf16 (loss %): mean</th><th>95 % confidence interval (t)</th>"
-        "<th>verdict</th><th>gap per seed (%)</th>"
-        + ("<th>cloze acc_mutual_info / acc (mean)</th>" if cloze else "")
-        + "</tr>"
-    )
-    body = []
-    for s in stats:
-        iv = s.interval
-        ci = "&ndash;" if iv is None else (f"[{_pct(iv.low)}, {_pct(iv.high)}] "
-                                           f"(t = {iv.t:.3f}, {iv.df} df)")  # fmt: skip
-        cls = _verdict_class(iv, s.verdict)
-        verdict = html.escape(s.verdict)
-        if s.diverged:
-            verdict += f"; diverged on seed {', '.join(map(str, s.diverged))}"
-        if s.incomplete:
-            verdict += f"; not complete, left out: seed {', '.join(map(str, s.incomplete))}"
-        per_seed = ", ".join(f"{k}: {_pct(g)}" for k, g in s.gap_pct.items())
-        row = (f"<tr><td>{html.escape(s.recipe)}</td>"
-               f"<td>{', '.join(map(str, s.seeds)) or '&ndash;'}</td>"
-               f"<td>{_fmt(s.val_loss_mean)}</td><td>{_fmt(s.val_loss_std)}</td>"
-               f"<td>{'baseline' if s.verdict == BASELINE else _pct(s.gap_mean_pct)}</td>"
-               f"<td{cls}>{ci}</td><td{cls}>{verdict}</td>"
-               f"<td>{per_seed or '&ndash;'}</td>")  # fmt: skip
-        if cloze:
-            c = s.cloze or {}
-            mi, acc = c.get("acc_mutual_info"), c.get("acc")
-            row += (f"<td>{_fmt(mi, 3)} / {_fmt(acc, 3)} ({len(s.cloze_seeds)} seeds)</td>"
-                    if c else "<td>&ndash;</td>")  # fmt: skip
-        body.append(row + "</tr>")
-    note = (
-        f"Over seeds: {html.escape(GAP_NOTE)}. {html.escape(INTERVAL_NOTE)}; std: ddof=1. "
-        "Verdict: &ldquo;indistinguishable from bf16&rdquo; when the interval contains 0, "
-        "&ldquo;worse&rdquo; when it lies above 0, &ldquo;better&rdquo; below; one seed "
-        "gives no interval and no verdict. Only runs that completed their steps count."
-    )
-    return (f'<table class="seeds">{head}{"".join(body)}</table>\n'
-            f'<p class="note">{note}</p>\n{_against_table(stats)}'
-            "<h3>Runs, seed by seed</h3>")  # fmt: skip
-
-
-def _verdict_class(interval: Any, verdict: str) -> str:
-    """The cell class of an interval and its verdict: none without an interval, "bad" when
-    worse, else "good"."""
-    if interval is None:
-        return ""
-    return ' class="bad"' if verdict == WORSE else ' class="good"'
-
-
-def _against_table(stats: Sequence[RecipeStats]) -> str:
-    """Each ablation against mxfp8, paired seed by seed; empty without an mxfp8 recipe."""
-    pairs = against(stats)
-    if not pairs:
-        return ""
-    ref = html.escape(PAIR_REFERENCE)
-    rows = []
-    for p in pairs:
-        iv = p.interval
-        ci = "&ndash;" if iv is None else f"[{_pct(iv.low)}, {_pct(iv.high)}]"
-        cls = _verdict_class(iv, p.verdict)
-        per_seed = ", ".join(f"{k}: {_pct(g)}" for k, g in p.gap_pct.items())
-        rows.append(f"<tr><td>{html.escape(p.recipe)}</td><td>{_pct(p.gap_mean_pct)}</td>"
-                    f"<td{cls}>{ci}</td><td{cls}>{html.escape(p.verdict)}</td>"
-                    f"<td>{per_seed or '&ndash;'}</td></tr>")  # fmt: skip
-    return (
-        f'<h3>Against {ref}</h3>\n<table class="seeds"><tr><th>recipe</th>'
-        f"<th>paired gap to {ref} (loss %): mean</th><th>95 % confidence interval (t)</th>"
-        f"<th>verdict</th><th>gap per seed (%)</th></tr>{''.join(rows)}</table>\n"
-        f'<p class="note">The same statistics with {ref} in place of bf16: is an '
-        f"ablation worse than the recipe it ablates?</p>\n"
-    )
 
 
 def eval_rows(runs: Sequence[RunData]) -> list[dict[str, object]]:
@@ -394,7 +297,7 @@ def render_html(runs: Sequence[RunData], plots: Sequence[Plot], title: str) -> s
 <p class="note">Generated {stamp} by <code>mxfp8 report</code> from {len(runs)} run
 director{"y" if len(runs) == 1 else "ies"}.</p>
 <h2>Summary</h2>
-{_seed_table(runs) if multi else ""}{_table(runs)}
+{seed_table(runs) if multi else ""}{_table(runs)}
 <p class="note">{gap_note}</p>
 <h2>Loss</h2>
 {"".join(overview) or "<p>No metrics logged yet.</p>"}
