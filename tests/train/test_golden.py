@@ -114,3 +114,16 @@ def test_weight_operand_fingerprint_is_the_reference_quantization():
             blocks += amax.size
             differ += int((2 * mantissa > 1.75).sum())
         assert (blocks, differ) == (want["scale_blocks"][gemm], want["scale_blocks_differ"][gemm])
+
+
+def test_native_bf16_instructions_take_the_curves_off_the_exact_check():
+    """cpu_capability reads AVX512 with and without AVX512-BF16 / AMX, whose bf16 GEMMs
+    differ in the last bits: the recorded environment must name them for atol=0 to apply."""
+    want = golden.load("bf16")
+    env = want["environment"]
+    exact, problems = golden.compare("bf16", want["metrics"], env)
+    assert exact and not problems
+    other = "none" if env["cpu_bf16"] != "none" else "avx512_bf16,amx"
+    exact, _ = golden.compare("bf16", want["metrics"], {**env, "cpu_bf16": other})
+    assert not exact
+    assert "cpu_bf16" in golden.environment() and "cpu_bf16" in golden.ENV_KEYS

@@ -35,7 +35,10 @@ RECIPES = ("bf16", "mxfp8")
 STEPS = 20
 THREADS = 1
 COMPARED = ("loss", "grad_norm", "lr", "val_loss")
-ENV_KEYS = ("torch", "tokenizers", "cpu_capability", "threads", "machine")
+ENV_KEYS = ("torch", "tokenizers", "cpu_capability", "cpu_bf16", "threads", "machine")
+# cpu_bf16: torch's cpu_capability says AVX512 both on CPUs with and without native bf16
+# (AVX512-BF16, AMX) instructions, but oneDNN runs the bf16 GEMMs differently on each, so the
+# curves differ in the last bits; a golden file without the key is compared tolerantly
 
 TOLERANCE: dict[str, float | None] = {"loss": 5e-3, "val_loss": 5e-3, "lr": 0.0, "grad_norm": None}
 """Allowed |difference| per step when the environment differs from the recorded one
@@ -89,12 +92,21 @@ def environment() -> dict[str, Any]:
     return {
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_bf16": _cpu_bf16(torch),
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "python": platform.python_version(),
         "numpy": numpy.__version__,
         "tokenizers": tokenizers.__version__,
     }
+
+
+def _cpu_bf16(torch: Any) -> str:
+    """Which native bf16 instructions the CPU has, as torch sees them."""
+    have = [name for name, probe in (("avx512_bf16", "_is_avx512_bf16_supported"),
+                                     ("amx", "_is_amx_tile_supported"))
+            if getattr(torch.cpu, probe, lambda: False)()]  # fmt: skip
+    return ",".join(have) or "none"
 
 
 @contextlib.contextmanager
