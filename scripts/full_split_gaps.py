@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from mxfp8.report.stats import mean, sample_std, t_interval, verdict
+from mxfp8.report.stats import mean, paired_gaps, sample_std, t_interval, verdict
 
 
 def full_split_losses(cmp: Path) -> dict[str, dict[int, float]]:
@@ -27,11 +27,7 @@ def full_split_losses(cmp: Path) -> dict[str, dict[int, float]]:
         if entries:
             seed = int(path.parent.name.removeprefix("seed"))
             out.setdefault(path.parent.parent.name, {})[seed] = entries[-1]["loss"]
-    return out
-
-
-def paired(losses: dict[int, float], ref: dict[int, float]) -> dict[int, float]:
-    return {k: 100.0 * (v - ref[k]) / ref[k] for k, v in sorted(losses.items()) if k in ref}
+    return {recipe: dict(sorted(by_seed.items())) for recipe, by_seed in out.items()}
 
 
 def main() -> None:
@@ -54,7 +50,7 @@ def main() -> None:
             if recipe == ref:
                 print(f"{head} {'reference':>9}")
                 continue
-            gaps = paired(by_seed, losses[ref])
+            gaps = paired_gaps(by_seed, losses[ref])
             iv = t_interval(list(gaps.values()))
             ci = "-" if iv is None else f"[{iv.low:+.2f} %, {iv.high:+.2f} %]"
             per_seed = ", ".join(f"{k}: {g:+.2f}" for k, g in gaps.items())

@@ -313,7 +313,8 @@ def evaluate_run(run_dir: Path, specs: str) -> None:
 def _scored_already(run_dir: Path, names: set[str], known: Sequence[dict[str, Any]]) -> bool:
     """Whether ``known`` (``eval.json``'s evaluations) scores every task of ``names`` on the
     run's latest intact checkpoint under its own recipe: the entries :func:`open_model` would
-    write for it name that checkpoint as ``"<dir> (step N)"`` and the recipe of its config."""
+    write for it name that checkpoint (:func:`names_checkpoint`) and the recipe of its config."""
+    from mxfp8.interop.source import names_checkpoint
     from mxfp8.train.checkpoint_load import find_checkpoint
     from mxfp8.train.manifest import CONFIG_FILE
 
@@ -322,8 +323,7 @@ def _scored_already(run_dir: Path, names: set[str], known: Sequence[dict[str, An
     ck = find_checkpoint(run_dir, None)
     recipe = load_config(ck / CONFIG_FILE).recipe.name
     for e in known:
-        source = str(e.get("source", ""))
-        same_model = source.startswith(f"{ck} (step ") and e.get("recipe") == recipe
+        same_model = names_checkpoint(str(e.get("source", "")), ck) and e.get("recipe") == recipe
         if same_model and names <= set(e.get("tasks") or {}):
             return True
     return False

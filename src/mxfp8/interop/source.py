@@ -59,7 +59,7 @@ def open_model(path: str | Path, *, step: int | None = None, recipe: str | None 
         ck = find_checkpoint(path, step)
         src = read_source(ck)
         model, tok, trained, run_config = src.model, src.tokenizer, src.recipe, src.config
-        source = f"{ck} (step {src.step})"
+        source = checkpoint_source(ck, src.step)
         tok_path = src.tokenizer_path
         home = ck.parent.parent if ck.parent.name == "checkpoints" else ck
     name = recipe or trained
@@ -67,6 +67,16 @@ def open_model(path: str | Path, *, step: int | None = None, recipe: str | None 
     if rec.quantized:
         model = convert_model(model, rec)
     return Loaded(model.eval(), tok, name, source, run_config, tok_path, home)
+
+
+def checkpoint_source(checkpoint: Path, step: int) -> str:
+    """How ``Loaded.source`` (and so ``eval.json``) names a checkpoint directory."""
+    return f"{checkpoint} (step {step})"
+
+
+def names_checkpoint(source: str, checkpoint: Path) -> bool:
+    """Whether ``source`` (of :func:`checkpoint_source`) names ``checkpoint``, at any step."""
+    return source.startswith(f"{checkpoint} (step ")
 
 
 def _export_run_config(checkpoint: Path):

@@ -176,6 +176,12 @@ def _gap_pct(loss: float, reference_loss: float) -> float:
     return (loss - reference_loss) / reference_loss * 100.0
 
 
+def paired_gaps(losses: dict[int, float], reference: dict[int, float]) -> dict[int, float]:
+    """seed -> gap (%) of ``losses`` to ``reference``'s loss of the same seed, for the seeds
+    (in ``losses``' order) that the reference has a loss for."""
+    return {k: _gap_pct(v, reference[k]) for k, v in losses.items() if reference.get(k)}
+
+
 def is_complete(run: RunData) -> bool:
     """The run finished its planned steps (summary.json against config.toml)."""
     done = run.summary.get("steps")
@@ -321,7 +327,7 @@ def against(stats: Sequence[RecipeStats], reference: str = PAIR_REFERENCE) -> li
     for s in stats:
         if s.recipe == reference or s.verdict == BASELINE:
             continue
-        gaps = {k: _gap_pct(v, ref[k]) for k, v in s.val_loss.items() if ref.get(k)}
+        gaps = paired_gaps(s.val_loss, ref)
         iv = t_interval(list(gaps.values()))
         text = verdict(iv, reference) if gaps else f"no {reference} run of the same seed"
         out.append(PairStats(s.recipe, reference, gaps,
