@@ -150,3 +150,25 @@ def test_tiles_cost_sqnr_against_1x32_only_where_rows_differ_in_size():
     assert abs(got["gauss", "32x32"] - got["gauss", "1x32"]) < 0.1
     assert got["rows", "1x32"] > 31.0
     assert got["rows", "1x32"] - got["rows", "32x32"] > 1.0
+
+
+@pytest.mark.parametrize("fprop, dgrad", [("e4m3", "e5m2"), ("e5m2", "e4m3")])
+def test_2d_weight_with_other_fprop_and_dgrad_weight_formats_is_refused(fprop, dgrad):
+    """One tile copy serves fprop and dgrad, so it has one format: a recipe asking for two
+    would silently run dgrad in the fprop format (issue 22)."""
+    with pytest.raises(ValueError) as e:
+        recipe("mxfp8-2d-weight", fprop_weight=fprop, dgrad_weight=dgrad)
+    message = str(e.value)
+    assert "32x32" in message and "fprop_weight" in message and "dgrad_weight" in message
+    assert f"{fprop} and {dgrad}" in message
+    same = recipe("mxfp8-2d-weight", fprop_weight="e5m2", dgrad_weight="e5m2")  # one format
+    assert same.fmt("dgrad", "weight") is same.fmt("fprop", "weight")
+    rows = recipe("mxfp8", fprop_weight=fprop, dgrad_weight=dgrad)  # 1x32: two copies, fine
+    assert rows.dgrad_weight.value == dgrad
+
+
+def test_2d_weight_format_clash_is_a_config_error_naming_the_fields():
+    from mxfp8.train.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"\[recipe\] .*fprop_weight.*dgrad_weight"):
+        load_config(None, {"recipe.name": "mxfp8-2d-weight", "recipe.dgrad_weight": "e5m2"})

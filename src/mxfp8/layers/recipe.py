@@ -45,6 +45,7 @@ from mxfp8.layers.recipe_fields import (  # noqa: F401 - re-exported: the recipe
     ScalingKind,
     WeightBlock,
     _enum,
+    check_weight_block,
 )
 
 
@@ -230,15 +231,7 @@ class Recipe:
         if self.hp_gemms and self.scaling not in (ScalingKind.MX, ScalingKind.ROWWISE):
             raise ValueError(f"hp_gemms is for MX and rowwise recipes, not "
                              f"{self.scaling.value} scaling")  # fmt: skip
-        if self.weight_block is WeightBlock.TILE and (
-            self.scaling is not ScalingKind.MX or self.block_size != 32
-        ):
-            raise ValueError("weight_block '32x32' is for MX recipes with block_size 32")
-        if self.weight_block is WeightBlock.TILE and self.backend is Backend.SCALED_MM:
-            raise ValueError(
-                "weight_block '32x32' runs on the emulated backend (scaled_mm "
-                "with 2-D weight blocks is not written yet); use backend 'auto'"
-            )
+        check_weight_block(self)
         for name in ("keep_first_blocks", "keep_last_blocks"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:

@@ -147,3 +147,26 @@ def _enum(cls: type[enum.Enum], value: Any, name: str) -> Any:
     except ValueError:
         allowed = ", ".join(repr(m.value) for m in cls)
         raise ValueError(f"recipe field {name}={value!r} is invalid; allowed: {allowed}") from None
+
+
+def check_weight_block(r: Any) -> None:
+    """What 32x32 weight tiles need of a recipe ``r``: MX blocks of 32, the emulated backend,
+    and one weight format. The tiles are quantized once and that copy serves both fprop and
+    dgrad (``mxfp8.layers.mx_function._tiled_weight``), so the two GEMMs' weight formats must
+    agree (the scale rule is the recipe's, one for every operand); raises ValueError."""
+    if r.weight_block is not WeightBlock.TILE:
+        return
+    if r.scaling is not ScalingKind.MX or r.block_size != 32:
+        raise ValueError("weight_block '32x32' is for MX recipes with block_size 32")
+    if r.backend is Backend.SCALED_MM:
+        raise ValueError(
+            "weight_block '32x32' runs on the emulated backend (scaled_mm "
+            "with 2-D weight blocks is not written yet); use backend 'auto'"
+        )
+    if r.fprop_weight != r.dgrad_weight:
+        raise ValueError(
+            "weight_block '32x32' quantizes W once, in one format, for both fprop and dgrad, "
+            f"so fprop_weight and dgrad_weight must be equal (got {r.fprop_weight.value} and "
+            f"{r.dgrad_weight.value}); set both to one format, or use weight_block '1x32' "
+            "(one copy of W per GEMM, each in its own format)"
+        )
