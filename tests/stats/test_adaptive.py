@@ -4,6 +4,7 @@ first, runs in bf16 for the rest of the run; decisions are logged, checkpointed 
 from __future__ import annotations
 
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -156,3 +157,102 @@ def test_the_layer_a_divergence_event_names_first_is_switched():
     off.divergence.events.append(event)
     off.on_step_end(7, {})
     assert other.get_submodule("layers.0.attention.wk").recipe.quantized
+
+
+def _events(run_dir):
+    """events.jsonl parsed as strict JSON (a NaN or Infinity token is refused, as jq, a
+    browser or pandas would refuse it)."""
+
+    def refuse(token):
+        raise ValueError(f"not strict JSON: {token}")
+
+    text = (run_dir / "events.jsonl").read_text()
+    return [json.loads(ln, parse_constant=refuse) for ln in text.splitlines()]
+
+
+class _NanAt(TrainHook):
+    """A real non-finite loss at step ``step``: one weight of the first block's wq is NaN
+    during that step's forward and backward, and restored after it (the loop skipped the
+    update, so the run then continues as if the step had not happened, save the schedule)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_start(self, ctx):
+        self.weight = ctx.model.get_submodule("layers.0.attention.wq").weight
+
+    def on_step_start(self, step):
+        if step == self.step:
+            self.saved = self.weight.detach().clone()
+            with torch.no_grad():
+                self.weight[0, 0] = float("nan")
+
+    def on_step_end(self, step, metrics):
+        if step == self.step:
+            with torch.no_grad():
+                self.weight.copy_(self.saved)
+
+
+def test_a_nan_loss_switches_the_named_layer_and_is_written_as_strict_json(tmp_path,
+                                                                          data_cache):  # fmt: skip
+    """Adaptive precision on the case it exists for: after a telemetry step, a NaN loss raises
+    a divergence event naming a layer, which is switched; the switch's event (loss NaN) is
+    written as null plus a flag, and a resumed run passes the same step bit-identically."""
+    cfg = lambda out, **kw: _cfg(out, data_cache, **{"run.max_nonfinite_steps": 0, **kw})  # noqa: E731
+    full = train(cfg(tmp_path / "full"), hooks=[_NanAt(3)])
+    assert full.completed
+    events = _events(tmp_path / "full")
+    kinds = [(e["step"], e["kind"]) for e in events]
+    assert kinds == [(3, "nan"), (3, "skip"), (3, "precision")], kinds
+    switch = events[-1]
+    assert switch["loss"] is None and switch["nonfinite_values"] == {"loss": "nan"}
+    named = events[0]["layers"][0]["layer"]
+    assert [x["layer"] for x in switch["layers"]] == [named]
+    assert "divergence event (nan) at step 3" in switch["layers"][0]["reason"]
+    # the NaN step's metrics row is strict JSON too, and reads back as NaN
+    rows = [json.loads(ln) for ln in (tmp_path / "full/metrics.jsonl").read_text().splitlines()]
+    nan_row = next(r for r in rows if r["step"] == 3)
+    assert nan_row["loss"] is None and nan_row["nonfinite_values"]["loss"] == "nan"
+    assert math.isnan(next(m for m in read_metrics(tmp_path / "full") if m["step"] == 3)["loss"])
+    # stopped before the NaN, resumed through it: the same events and metrics
+    part = tmp_path / "part"
+    train(cfg(part, **{"run.stop_after": 2}), hooks=[_NanAt(3)])
+    resumed = train(cfg(part, **{"run.resume": True}), hooks=[_NanAt(3)])
+    assert resumed.completed
+    assert _events(part) == events
+    assert _exact(read_metrics(part)) == _exact(read_metrics(tmp_path / "full"))
+
+
+class _SpikeAt(TrainHook):
+    """Multiplies the logged loss of step ``step`` by 3 before the detectors see it: a spike
+    the detector must flag (the run's numbers are otherwise untouched)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, step, metrics):
+        if step == self.step:
+            metrics["loss"] *= 3
+
+
+def test_a_spike_after_a_resume_is_flagged_as_in_the_uninterrupted_run(tmp_path, data_cache):
+    """With the default log_every (5) and the default divergence warm-up (20 steps), a spike
+    at step 33 of a run resumed at step 30: the detector's state comes from the checkpoint, so
+    the event, and the layer the adaptive recipe switches for it, are the uninterrupted run's.
+    (Rebuilt from the 6 logged losses, the baseline would still be in its warm-up.)"""
+    over = {"run.steps": 36, "run.log_every": 5, "run.telemetry_every": 10,
+            "run.eval_every": 0}  # fmt: skip
+    assert load_config(None, {}).run.log_every == 5  # the default this test is about
+    full = train(_cfg(tmp_path / "full", data_cache, **over), hooks=[_SpikeAt(33)])
+    events = _events(tmp_path / "full")
+    assert [(e["step"], e["kind"]) for e in events] == [(33, "spike"), (33, "precision")]
+    part = tmp_path / "part"
+    train(_cfg(part, data_cache, **over, **{"run.stop_after": 30}), hooks=[_SpikeAt(33)])
+    resumed = train(_cfg(part, data_cache, **over, **{"run.resume": True}),
+                    hooks=[_SpikeAt(33)])  # fmt: skip
+    assert _events(part) == events
+    assert _exact(read_metrics(part)) == _exact(read_metrics(tmp_path / "full"))
+    assert resumed.summary == {**full.summary, **{k: resumed.summary[k] for k in _CLOCK}}
+
+
+_CLOCK = ("tokens_per_s", "tokens_per_s_with_warmup", "train_time_s", "wall_time_s")

@@ -4,6 +4,7 @@ one atomic repair (resume truncation) that leaves appends on a line of their own
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 
@@ -129,6 +130,32 @@ def test_append_rows_writes_compact_lines(tmp_path):
     append_rows(path, [{"step": 1, "x": [1, 2]}])
     append_rows(path, [])
     assert path.read_bytes() == b'{"step":1,"x":[1,2]}\n'
-    with pytest.raises(ValueError):
-        append_rows(path, [{"step": 2, "x": float("nan")}])
-    assert os.path.getsize(path) == len(b'{"step":1,"x":[1,2]}\n')
+    append_rows(path, [{"step": 2, "x": float("nan")}])  # written, not refused (see below)
+    second = b'{"step":2,"x":null,"nonfinite_values":{"x":"nan"}}\n'
+    assert path.read_bytes() == b'{"step":1,"x":[1,2]}\n' + second
+
+
+def test_non_finite_values_are_written_as_null_with_a_flag_and_read_back(tmp_path):
+    """Strict JSON on disk (no NaN/Infinity tokens, which most readers refuse), the values
+    named beside their null at every depth, and read_rows gives the floats back."""
+    path = tmp_path / "x.jsonl"
+    row = {"step": 3, "loss": float("nan"), "ok": 1.5, "none": None,
+           "detail": {"amax": float("inf"), "low": -math.inf, "fine": 2.0},
+           "layers": [{"sqnr_db": float("nan")}]}  # fmt: skip
+    append_rows(path, [row])
+
+    def refuse(token):
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    on_disk = json.loads(path.read_text(), parse_constant=refuse)
+    assert on_disk == {
+        "step": 3, "loss": None, "ok": 1.5, "none": None,
+        "detail": {"amax": None, "low": None, "fine": 2.0,
+                   "nonfinite_values": {"amax": "inf", "low": "-inf"}},
+        "layers": [{"sqnr_db": None, "nonfinite_values": {"sqnr_db": "nan"}}],
+        "nonfinite_values": {"loss": "nan"},
+    }  # fmt: skip
+    (back,) = read_rows(path)
+    assert math.isnan(back["loss"]) and math.isnan(back["layers"][0]["sqnr_db"])
+    assert back["detail"] == {"amax": math.inf, "low": -math.inf, "fine": 2.0}
+    assert back["none"] is None and back["ok"] == 1.5 and "nonfinite_values" not in back

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -154,3 +155,14 @@ def test_resume_with_another_seed_is_refused(tmp_path, data_cache):
         train(
             small_cfg(tmp_path, data_cache, **{"run.steps": 4, "run.resume": True, "run.seed": 7})
         )
+
+
+def test_summary_of_a_diverged_run_is_strict_json_and_reads_back(tmp_path):
+    from mxfp8.report.loader import load_run
+    from mxfp8.train.loop import write_summary
+
+    write_summary(tmp_path, {"recipe": "mxfp8", "final_val_loss": float("nan"), "steps": 3})
+    text = (tmp_path / "summary.json").read_text()
+    assert "NaN" not in text
+    assert json.loads(text)["nonfinite_values"] == {"final_val_loss": "nan"}
+    assert math.isnan(load_run(tmp_path).summary["final_val_loss"])

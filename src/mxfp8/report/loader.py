@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mxfp8.stats.jsonl import read_rows
+from mxfp8.stats.jsonl import decode_row, read_rows
 
 EVAL_FILE = "eval.json"  # written by `mxfp8 eval` (and `mxfp8 compare --eval-tasks`)
 RUN_FILES = ("config.toml", "metrics.jsonl", "numerics.jsonl", "events.jsonl", "summary.json")
@@ -52,7 +52,7 @@ def _read_json(path: Path) -> dict[str, Any]:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         return {}
-    return obj if isinstance(obj, dict) else {}
+    return decode_row(obj) if isinstance(obj, dict) else {}
 
 
 def _finite(x: Any) -> float | None:

@@ -93,6 +93,17 @@ class SpikeDetector:
         self.in_event = False
         self.threshold: float | None = None
 
+    _STATE = ("baseline", "spread", "seen", "in_event", "threshold")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The running baseline, exactly (Python floats): what a resume needs to flag the
+        same steps as the uninterrupted run."""
+        return {k: getattr(self, k) for k in self._STATE}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k in self._STATE:
+            setattr(self, k, state[k])
+
     def update(self, loss: float) -> str | None:
         c = self.config
         if not math.isfinite(loss):
@@ -175,7 +186,11 @@ class DivergenceHook:
 
     ``telemetry``: a callable returning telemetry records; by default the run's
     ``numerics.jsonl`` is read, only when an event fires (so it costs nothing otherwise).
+    The detector's state is checkpointed (``state_key``), so a resumed run flags exactly the
+    steps the uninterrupted run flags.
     """
+
+    state_key = "divergence"
 
     def __init__(
         self,
@@ -189,10 +204,14 @@ class DivergenceHook:
         self.events: list[DivergenceEvent] = []
 
     def on_train_start(self, ctx: Any) -> None:
-        """On resume: forget events past the checkpoint, and rebuild the baseline from the
-        losses logged up to it (every ``log_every`` steps: close to, not exactly, the
-        uninterrupted baseline)."""
+        """On resume: forget events past the checkpoint and restore the detector's state from
+        it. A checkpoint written before that state was stored gets the baseline rebuilt from
+        the losses logged up to it (every ``log_every`` steps: close to, not exactly, the
+        uninterrupted baseline), with a warning."""
         start = int(getattr(ctx, "start_step", 0))
+        saved = (getattr(ctx, "hook_state", None) or {}).get(self.state_key)
+        if start > 0 and saved is not None:
+            self.detector.load_state_dict(saved["detector"])
         if self.run_dir is None:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -203,7 +222,10 @@ class DivergenceHook:
             for r in read_rows(self.run_dir / EVENTS_FILE)
             if r.get("kind") != "precision"  # the adaptive recipe's switches share the file
         ]
-        if start > 0:
+        if start > 0 and saved is None:
+            log.warning("the checkpoint at step %d predates checkpointed divergence state: "
+                        "the loss baseline is rebuilt from the logged losses (approximate)",
+                        start)  # fmt: skip
             for row in read_rows(self.run_dir / METRICS_FILE):
                 loss = row.get("loss")
                 if int(row.get("step", 0)) <= start and isinstance(loss, int | float):
@@ -256,6 +278,9 @@ class DivergenceHook:
         return read_rows(self.run_dir / NUMERICS_FILE) if self.run_dir is not None else []
 
     def on_train_end(self, result: Any) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"detector": self.detector.state_dict()}
 
     def summary(self) -> dict[str, Any]:
         """``diverged``: at the end the loss is non-finite or in a spike that has not

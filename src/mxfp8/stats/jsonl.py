@@ -10,6 +10,13 @@ A process killed mid-write leaves at most one torn line, the last, usually witho
 newline. Readers skip it with a :class:`CorruptLineWarning` naming the file and the line;
 writers drop it before appending (:func:`append_rows`, :func:`truncate_after`), else the next
 row would be glued to it and lost as well.
+
+Every line is strict JSON, which has no NaN or infinity: a non-finite float is written as
+``null`` and named, with its value, in the ``nonfinite_values`` object of the same JSON object
+(``{"loss": null, "nonfinite_values": {"loss": "nan"}}``; ``"nan"``, ``"inf"`` or ``"-inf"``),
+at whatever depth it sits (:func:`encode_row`). :func:`read_rows` puts the floats back, so the
+package's own readers see the NaN a run logged; any other reader (jq, pandas, a browser) gets
+a valid line with an explicit null.
 """
 
 from __future__ import annotations
@@ -26,6 +33,52 @@ from mxfp8.fileio import replace_atomically
 
 # at most this many bad line numbers are named in one warning (a binary file has thousands)
 _NAMED_LINES = 5
+NONFINITE_KEY = "nonfinite_values"  # key -> "nan" | "inf" | "-inf" of the values written null
+_FLOATS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def _name(x: float) -> str:
+    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+
+
+def encode_row(row: Any) -> Any:
+    """``row`` with every non-finite float replaced by None and named in the
+    ``nonfinite_values`` of the object holding it (a list element is written null unnamed:
+    no row the package writes holds a bare float list). Finite rows come back unchanged."""
+    if isinstance(row, dict):
+        out, flags = {}, {}
+        for k, v in row.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                out[k], flags[k] = None, _name(v)
+            else:
+                out[k] = encode_row(v)
+        if flags:
+            out[NONFINITE_KEY] = {**out.get(NONFINITE_KEY, {}), **flags}
+        return out
+    if isinstance(row, list | tuple):
+        return [None if isinstance(v, float) and not math.isfinite(v) else encode_row(v)
+                for v in row]  # fmt: skip
+    return row
+
+
+def decode_row(row: Any) -> Any:
+    """The inverse of :func:`encode_row`: the named values are floats again."""
+    if isinstance(row, dict):
+        flags = row.get(NONFINITE_KEY)
+        out = {k: decode_row(v) for k, v in row.items() if k != NONFINITE_KEY}
+        if isinstance(flags, dict):
+            for k, name in flags.items():
+                if k in out and out[k] is None and name in _FLOATS:
+                    out[k] = _FLOATS[name]
+        return out
+    if isinstance(row, list):
+        return [decode_row(v) for v in row]
+    return row
+
+
+def dumps(row: dict[str, Any]) -> str:
+    """One strict-JSON line (no newline) of ``row``, compact, non-finite floats encoded."""
+    return json.dumps(encode_row(row), separators=(",", ":"), allow_nan=False)
 
 
 class CorruptLineWarning(UserWarning):
@@ -87,10 +140,11 @@ def _warn_bad_lines(path: Path, bad: list[tuple[int, bool]]) -> None:
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of a .jsonl file ([] if missing). Lines that are not JSON objects
-    (a torn last line) are skipped with a :class:`CorruptLineWarning`."""
+    """The JSON objects of a .jsonl file ([] if missing), non-finite values decoded (see the
+    module doc). Lines that are not JSON objects (a torn last line) are skipped with a
+    :class:`CorruptLineWarning`."""
     scan = _scan(Path(path))
-    return [] if scan is None else [obj for _, obj in scan[0]]
+    return [] if scan is None else [decode_row(obj) for _, obj in scan[0]]
 
 
 def _replace(path: Path, lines: Iterable[bytes]) -> None:
@@ -139,7 +193,7 @@ def _ends_cleanly(path: Path) -> bool:
 
 
 def append_rows(path: Path, rows: Iterable[dict[str, Any]]) -> None:
-    """Append compact JSON lines (no spaces; NaN/inf must already be None).
+    """Append compact strict-JSON lines (:func:`dumps`: non-finite floats encoded).
 
     A file that does not end with a newline was torn by a crash: it is repaired first
     (:func:`truncate_after` with no step limit), so the new rows are not glued to the torn
@@ -149,4 +203,4 @@ def append_rows(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     if not _ends_cleanly(path):
         truncate_after(path, math.inf)
     with path.open("a", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(r, separators=(",", ":"), allow_nan=False) + "\n" for r in rows)
+        fh.writelines(dumps(r) + "\n" for r in rows)

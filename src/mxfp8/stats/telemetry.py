@@ -158,8 +158,11 @@ class TelemetryHook:
 
     Implements the ``TrainHook`` protocol of ``mxfp8.train.loop`` by duck typing (the stats
     floor does not import the training floor). ``latest`` holds the records of the last
-    telemetry step, for :mod:`mxfp8.stats.divergence`.
+    telemetry step, for :mod:`mxfp8.stats.divergence`. The count of telemetry steps is
+    checkpointed (``state_key``), so a resumed run's summary matches an uninterrupted one.
     """
+
+    state_key = "telemetry"
 
     def __init__(self, every: int, run_dir: str | Path | None) -> None:
         if every < 1:
@@ -171,8 +174,13 @@ class TelemetryHook:
         self.steps_captured = 0
 
     def on_train_start(self, ctx: Any) -> None:
+        start = int(getattr(ctx, "start_step", 0))
+        saved = (getattr(ctx, "hook_state", None) or {}).get(self.state_key)
+        if start > 0:  # an older checkpoint: count the telemetry steps up to it
+            self.steps_captured = (int(saved["steps_captured"]) if saved is not None
+                                   else start // self.every)  # fmt: skip
         if self.path is not None:
-            truncate_after(self.path, int(getattr(ctx, "start_step", 0)))
+            truncate_after(self.path, start)
         self.collector = TelemetryCollector(ctx.model)
         if not self.collector.layers:
             log.info("telemetry: no quantized layer in this model (recipe %s)", ctx.recipe)
@@ -200,6 +208,9 @@ class TelemetryHook:
 
     def summary(self) -> dict[str, Any]:
         return {"telemetry_every": self.every, "telemetry_steps": self.steps_captured}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps_captured": self.steps_captured}
 
 
 def make_hook(cfg: Any, run_dir: str | Path) -> TelemetryHook | None:

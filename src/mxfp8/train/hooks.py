@@ -27,7 +27,14 @@ class TrainHook:
     and may add keys to it. Set ``ctx.stop = True`` to end the run after the current step
     (a checkpoint is written). :meth:`summary` adds keys to ``summary.json`` (e.g.
     ``diverged``).
+
+    A hook whose decisions depend on what it saw before (a running baseline) names a
+    ``state_key``: every checkpoint stores its :meth:`state_dict` under that key (plain
+    values only), and a resumed run hands it back in ``ctx.hook_state[state_key]``, so the
+    hook continues exactly where the uninterrupted run would be.
     """
+
+    state_key: str | None = None
 
     def on_train_start(self, ctx: TrainContext) -> None: ...
 
@@ -38,6 +45,9 @@ class TrainHook:
     def on_train_end(self, result: RunResult) -> None: ...
 
     def summary(self) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
         return {}
 
 
@@ -53,6 +63,9 @@ class TrainContext:
     device: torch.device
     start_step: int
     stop: bool = False
+    # on resume: the checkpoint's state of each hook, by ``state_key`` (empty at step 0, and
+    # for a checkpoint written before hooks had state)
+    hook_state: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

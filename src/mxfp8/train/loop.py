@@ -33,6 +33,7 @@ from mxfp8.layers.recipe import recipe as named_recipe
 from mxfp8.layers.scratch import pool_nbytes
 from mxfp8.parallel import LOCAL, Comm, DistEnv
 from mxfp8.stats import adaptive, divergence, telemetry
+from mxfp8.stats.jsonl import encode_row
 from mxfp8.train import checkpoint as ckpt
 from mxfp8.train import session as session_mod
 from mxfp8.train.config import ConfigError, TrainConfig
@@ -127,6 +128,13 @@ def _prepare_dir_here(cfg: TrainConfig, run_dir: Path, start: StartPoint) -> Non
             (run_dir / name).unlink(missing_ok=True)
 
 
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    """``summary.json``, atomically, strict JSON (a NaN final loss is null and named in
+    ``nonfinite_values``, as in the .jsonl files)."""
+    text = json.dumps(encode_row(summary), indent=2, allow_nan=False)
+    write_text_atomically(run_dir / SUMMARY_FILE, text + "\n")
+
+
 def _restore_summary(run_dir: Path, checkpoint: Path | None) -> None:
     """A process killed between the final checkpoint and summary.json: the final checkpoint
     carries the summary, so the run directory is made whole again."""
@@ -134,7 +142,7 @@ def _restore_summary(run_dir: Path, checkpoint: Path | None) -> None:
         return
     state = ckpt.load_state(checkpoint)
     if state.get("summary"):
-        write_text_atomically(run_dir / SUMMARY_FILE, json.dumps(state["summary"], indent=2) + "\n")
+        write_summary(run_dir, state["summary"])
 
 
 def _summary(s: Session, val_loss: float | None, hooks: list[TrainHook]) -> dict[str, Any]:
@@ -171,10 +179,18 @@ def _summary(s: Session, val_loss: float | None, hooks: list[TrainHook]) -> dict
     return summary
 
 
-def _checkpoint(s: Session, step: int, summary: dict | None, *, final: bool) -> None:
+def hook_states(hooks: list[TrainHook]) -> dict[str, Any]:
+    """``state_key -> state_dict()`` of the hooks that carry state across a resume."""
+    return {h.state_key: h.state_dict() for h in hooks if getattr(h, "state_key", None)}
+
+
+def _checkpoint(s: Session, step: int, summary: dict | None, hooks: list[TrainHook], *,
+                final: bool) -> None:  # fmt: skip
     """Checkpoint the session at ``step``; a distributed run writes DCP shards from every
     rank, and the final checkpoint also holds the consolidated ``model.safetensors``."""
-    extra = {"summary": summary} if summary is not None else {}
+    extra: dict[str, Any] = {"hooks": hook_states(hooks)}
+    if summary is not None:
+        extra["summary"] = summary
     dist = dict(optimizer=s.optimizer, comm=s.comm, consolidate=final) if s.distributed else {}
     ckpt.save_checkpoint(s.run_dir, step, model=s.model, state=s.state_dict(**extra),
                          config_toml=s.cfg.to_toml(), keep_last=s.cfg.run.keep_last,
@@ -200,8 +216,9 @@ def train(cfg: TrainConfig, *, hooks: list[TrainHook] | tuple = ()) -> RunResult
                           fresh=start.checkpoint is None)  # fmt: skip
     cfg, run, comm = s.cfg, s.cfg.run, s.comm
     _prepare_dir(cfg, run_dir, start, comm)
+    hook_state: dict[str, Any] = {}
     if start.checkpoint is not None:
-        s.load(start.checkpoint)
+        hook_state = s.load(start.checkpoint).get("hooks") or {}
         _say(cfg, f"resumed from {start.checkpoint} at step {s.step}")
     if comm.is_main:
         write_text_atomically(run_dir / "config.toml", cfg.to_toml())
@@ -211,7 +228,8 @@ def train(cfg: TrainConfig, *, hooks: list[TrainHook] | tuple = ()) -> RunResult
     end = min(run.steps, s.step + run.stop_after) if run.stop_after else run.steps
     # the stats hooks (telemetry, divergence events) write files: rank 0's operands only
     hooks = [*hooks, *(_auto_hooks(cfg, run_dir) if comm.is_main else ())]
-    ctx = TrainContext(cfg, s.model, s.optimizer, s.recipe, run_dir, s.device, s.step)
+    ctx = TrainContext(cfg, s.model, s.optimizer, s.recipe, run_dir, s.device, s.step,
+                       hook_state=hook_state)  # fmt: skip
     for h in hooks:
         h.on_train_start(ctx)
     log = RunLog(run_dir, total=run.steps, start=s.step, progress=run.progress,
@@ -247,7 +265,7 @@ def train(cfg: TrainConfig, *, hooks: list[TrainHook] | tuple = ()) -> RunResult
                 if step == run.steps:
                     summary = _summary(s, val_loss, hooks)
                 if last or (run.ckpt_every and step % run.ckpt_every == 0):
-                    _checkpoint(s, step, summary, final=step == run.steps)
+                    _checkpoint(s, step, summary, hooks, final=step == run.steps)
                 if last:
                     break
         finally:
@@ -268,7 +286,7 @@ def train(cfg: TrainConfig, *, hooks: list[TrainHook] | tuple = ()) -> RunResult
     if summary is not None:
         result.summary = summary
     if summary is not None and comm.is_main:
-        write_text_atomically(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+        write_summary(run_dir, summary)
     for h in hooks:
         h.on_train_end(result)
     return result

@@ -1,10 +1,11 @@
 """Where a run's numbers go: ``metrics.jsonl``, the terminal progress bar, TensorBoard.
 
 ``metrics.jsonl`` is the contract with reports (see docs/architecture.md): one JSON object per
-logged step. On resume, lines past the checkpoint's step (written after it by the interrupted
-process) are dropped first, so the file reads as if the run had never stopped. Reading and that
-repair are :mod:`mxfp8.stats.jsonl`'s, shared with the stats files: the file is replaced
-atomically (never rewritten in place), and a line torn by a crash is dropped with a warning.
+logged step, strict JSON (a non-finite value is ``null``, named in ``nonfinite_values``). On
+resume, lines past the checkpoint's step (written after it by the interrupted process) are
+dropped first, so the file reads as if the run had never stopped. Reading and that repair are
+:mod:`mxfp8.stats.jsonl`'s, shared with the stats files: the file is replaced atomically
+(never rewritten in place), and a line torn by a crash is dropped with a warning.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from mxfp8.stats.jsonl import read_rows, truncate_after
+from mxfp8.stats.jsonl import encode_row, read_rows, truncate_after
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -74,7 +75,8 @@ class RunLog:
     def log(self, metrics: dict[str, Any]) -> None:
         if self._file is None:
             return
-        self._file.write(json.dumps(metrics) + "\n")
+        # strict JSON: a NaN loss is written null and named (mxfp8.stats.jsonl)
+        self._file.write(json.dumps(encode_row(metrics), allow_nan=False) + "\n")
         if self._tb is not None:
             for k, v in metrics.items():
                 if k != "step" and isinstance(v, int | float) and not isinstance(v, bool):
