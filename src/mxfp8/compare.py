@@ -20,7 +20,9 @@ over them: :func:`mxfp8.report.stats.stats_json`) and ``OUT/report.html`` are wr
 ``eval_tasks`` (``mxfp8 compare --eval-tasks cloze``), each completed run's final checkpoint is
 first scored on those multiple-choice tasks under its recipe (``RUN/eval.json``; a run already
 scored on them at that checkpoint is not scored again), and the report and the summary table
-show the scores.
+show the scores. With ``margin`` (``--margin PCT``, with seeds), ``comparison.json`` also holds
+each recipe's equivalence to bf16 within +-PCT % (:mod:`mxfp8.report.equivalence`), and so
+does the report.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from mxfp8.fileio import write_text_atomically
+from mxfp8.report.equivalence import check_margin
 from mxfp8.report.html import write_report
 from mxfp8.report.loader import (
     COMPARISON_INDEX,
@@ -202,41 +205,55 @@ def _say(text: str) -> None:
 
 
 def _write_index(out: Path, recipes: Sequence[str], seeds: Sequence[int] | None,
-                 with_stats: bool = False) -> None:  # fmt: skip
-    """``out/comparison.json``: the recipe order; with seeds, the seeds and (at the end) the
-    statistics over them of the runs complete by then."""
+                 margin: float | None = None, with_stats: bool = False) -> None:  # fmt: skip
+    """``out/comparison.json``: the recipe order; with seeds, the seeds, the equivalence
+    margin if any (which the report reads) and (at the end) the statistics over them of the
+    runs complete by then."""
     index: dict[str, Any] = {"recipes": list(recipes)}
     if seeds is not None:
         index["seeds"] = list(seeds)
+        if margin is not None:
+            index["margin"] = margin
         if with_stats:
             try:
-                index["stats"] = stats_json(load_runs(out))
+                index["stats"] = stats_json(load_runs(out), margin)
             except FileNotFoundError:  # no run wrote anything yet
                 pass
     write_text_atomically(out / COMPARISON_INDEX, json.dumps(index, indent=2) + "\n")
 
 
-def _index_is(out: Path, recipes: Sequence[str], seeds: Sequence[int] | None) -> bool:
-    """Whether ``out/comparison.json`` already names these recipes and seeds."""
+def _index_is(out: Path, recipes: Sequence[str], seeds: Sequence[int] | None,
+              margin: float | None = None) -> bool:  # fmt: skip
+    """Whether ``out/comparison.json`` already names these recipes, seeds and margin."""
     try:
         index = json.loads((out / COMPARISON_INDEX).read_text())
     except (OSError, ValueError):
         return False
     wanted = None if seeds is None else list(seeds)
-    return index.get("recipes") == list(recipes) and index.get("seeds") == wanted
+    return (index.get("recipes") == list(recipes) and index.get("seeds") == wanted
+            and index.get("margin") == (None if seeds is None else margin))  # fmt: skip
 
 
-def compare(base: TrainConfig, recipes: Sequence[str], out: str | Path,
-            eval_tasks: str = "", seeds: Sequence[int] | None = None) -> CompareResult:  # fmt: skip
+def compare(base: TrainConfig, recipes: Sequence[str], out: str | Path, eval_tasks: str = "",
+            seeds: Sequence[int] | None = None,
+            margin: float | None = None) -> CompareResult:  # fmt: skip
     """Run (or resume, or skip) each recipe (under each of ``seeds``), score ``eval_tasks``,
-    write ``out/report.html`` (and, with seeds, the statistics into ``out/comparison.json``)."""
+    write ``out/report.html`` (and, with seeds, the statistics into ``out/comparison.json``,
+    with ``margin`` the equivalence to bf16 within +-``margin`` % too)."""
     from mxfp8.train.loop import RunComplete, train
 
     out = Path(out)
+    if margin is not None:
+        if seeds is None:
+            raise CompareError("an equivalence margin needs seeds (--seeds K,K,...)")
+        try:
+            margin = check_margin(margin)
+        except ValueError as exc:
+            raise CompareError(str(exc)) from None
     plans = plan(base, recipes, out, seeds)
     out.mkdir(parents=True, exist_ok=True)
-    same_index = _index_is(out, recipes, seeds)  # else the report must change with it
-    _write_index(out, recipes, seeds)
+    same_index = _index_is(out, recipes, seeds, margin)  # else the report must change with it
+    _write_index(out, recipes, seeds, margin)
     result = CompareResult(out=out, report=None)
     for i, p in enumerate(plans, start=1):
         run_dir = p.run_dir
@@ -274,7 +291,7 @@ def compare(base: TrainConfig, recipes: Sequence[str], out: str | Path,
                 traceback.print_exc()
                 result.failed[f"{label} (eval)"] = f"{type(exc).__name__}: {exc}"
     if seeds is not None:  # what the runs complete by now say, also when stopped early
-        _write_index(out, recipes, seeds, with_stats=True)
+        _write_index(out, recipes, seeds, margin, with_stats=True)
     report = out / "report.html"
     up_to_date = same_index and _newer_than_runs(report, [p.run_dir for p in plans])
     if len(result.done) == len(plans) and up_to_date:

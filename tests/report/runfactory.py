@@ -168,3 +168,27 @@ def make_comparison(root: Path) -> Path:
     make_run(cmp_dir, "mxfp8-floor", offset=0.08, spike_at=30, seed=1)
     make_run(cmp_dir, "fp8-tensorwise", offset=0.05, tensorwise=True, nan_from=50, seed=1)
     return cmp_dir
+
+
+def make_planned_comparison(
+    out: Path, val_losses: dict[str, list[float]], seeds: tuple[int, ...], steps: int = 30
+) -> list[str]:
+    """Complete runs of ``mxfp8 compare --out OUT --steps STEPS --recipes ... --seeds ...``, as
+    its planner expects them (each run's exact config.toml, a summary.json of all its steps,
+    the final validation loss from ``val_losses``, seed by seed), so that the command skips
+    training and only reports. Returns those command-line arguments."""
+    from mxfp8.compare import plan, with_compare_defaults
+    from mxfp8.train.config import load_config
+
+    overrides = {"run.steps": steps}
+    base = with_compare_defaults(load_config(None, overrides), set(overrides))
+    for p in plan(base, list(val_losses), out, seeds):
+        assert p.seed is not None
+        loss = val_losses[p.recipe][seeds.index(p.seed)]
+        p.run_dir.mkdir(parents=True)
+        p.cfg.save(p.run_dir / "config.toml")
+        summary = {"recipe": p.recipe, "steps": steps, "final_val_loss": loss,
+                   "final_val_ppl": math.exp(loss), "diverged": False}  # fmt: skip
+        (p.run_dir / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    return ["compare", "--out", str(out), "--steps", str(steps), "--recipes",
+            ",".join(val_losses), "--seeds", ",".join(map(str, seeds))]  # fmt: skip

@@ -1,8 +1,10 @@
 """``mxfp8 compare``: train the same model under several recipes, then write the report.
 
 Takes every option of ``mxfp8 train`` (same generated ``--section.field`` options), plus
-``--recipes`` and ``--seeds`` (every recipe under each seed, with statistics over them);
-``--out`` names the comparison directory.
+``--recipes``, ``--seeds`` (every recipe under each seed, with statistics over them),
+``--margin`` (equivalence to bf16 within a margin, over the seeds) and ``--require-equivalent``
+(exit status 1 unless every quantized recipe is equivalent); ``--out`` names the comparison
+directory.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mxfp8.cli.compare_seeds import all_equivalent, print_seed_stats
 from mxfp8.compare import DEFAULT_RECIPES, RECIPE_SETS
 from mxfp8.errors import UserError
 
@@ -21,6 +24,7 @@ if TYPE_CHECKING:
     from mxfp8.train.config import TrainConfig
 
 DEFAULT_OUT = "runs/compare"
+USAGE = "[--recipes A,B,...] [--seeds K,K,... [--margin PCT [--require-equivalent]]]"
 
 DESCRIPTION = """\
 Train the same model, from the same seed and on the same data order, under each recipe of
@@ -39,7 +43,13 @@ the mean and standard deviation (ddof=1) of the final validation loss over seeds
 gap to bf16 seed by seed ((run - bf16 of the same seed) / bf16, in %), its mean with a 95 %
 confidence interval (Student's t, n-1 degrees of freedom) and a verdict: "indistinguishable
 from bf16" when the interval contains 0, "worse" when it lies above 0, "better" below; one
-seed gives no interval and no verdict. Without --seeds: one run per recipe in OUT/<recipe>/."""
+seed gives no interval and no verdict. Without --seeds: one run per recipe in OUT/<recipe>/.
+
+Equivalence: --margin PCT (with --seeds) adds, per recipe, two one-sided t tests (TOST) of
+the paired gaps against +-PCT %: "equivalent" when the 90 % t interval of the mean gap lies
+inside [-PCT, +PCT], "not equivalent" when it lies entirely outside, else "undecided", with the
+number of seeds that would likely decide. --require-equivalent then exits with status 1 unless
+every quantized recipe (all but bf16 and fp32) is equivalent: a gate for CI."""
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -50,7 +60,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         allow_abbrev=False,
         help="train the same model under several recipes, side by side",
         description=DESCRIPTION,
-        usage=usage("compare", "[--recipes A,B,...] [--seeds K,K,...]"),
+        usage=usage("compare", USAGE),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -68,6 +78,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "each (run.seed = k) into OUT/<recipe>/seed<k>/ and report means, paired gaps to bf16 "
         "with 95 %% t-intervals and verdicts over them (default: one run per recipe, "
         "OUT/<recipe>/, at run.seed)",
+    )
+    p.add_argument(
+        "--margin",
+        default=None,
+        metavar="PCT",
+        help="with --seeds: test each recipe's equivalence to bf16 within +-PCT %% of the "
+        "validation loss (two one-sided t tests on the paired gaps: equivalent when their 90 %% "
+        "t-interval lies inside [-PCT, +PCT]); e.g. --margin 1",
+    )
+    p.add_argument(
+        "--require-equivalent",
+        action="store_true",
+        help="with --margin: exit with status 1 unless every quantized recipe (all but bf16 "
+        "and fp32) is equivalent to bf16",
     )
     p.add_argument(
         "--eval-tasks",
@@ -111,10 +135,25 @@ def run(args: argparse.Namespace) -> int:
     seeds = None if args.seeds is None else parse_seeds(args.seeds)
     if seeds is not None and "run.seed" in overrides:
         raise UserError("give either --seeds K,K,... or --seed / --run.seed, not both")
+    margin = None if args.margin is None else parse_margin(args.margin)
+    if margin is not None and seeds is None:
+        raise UserError("--margin needs --seeds K,K,...: equivalence is tested over seeds")
     out = overrides.pop("run.out", None) or DEFAULT_OUT
     base = load_config(args.config, overrides)
     return compare_and_print(with_compare_defaults(base, set(overrides)), recipes, out,
-                             eval_tasks=args.eval_tasks, seeds=seeds)  # fmt: skip
+                             eval_tasks=args.eval_tasks, seeds=seeds, margin=margin,
+                             require_equivalent=args.require_equivalent)  # fmt: skip
+
+
+def parse_margin(spec: str) -> float:
+    """The margin of a ``--margin`` value, in %: a finite number > 0."""
+    from mxfp8.report.equivalence import check_margin
+
+    try:
+        return check_margin(float(spec))
+    except ValueError:
+        raise UserError(f"--margin: {spec!r} is not a finite number > 0 (the margin, in % of "
+                        "the validation loss, e.g. --margin 1)") from None  # fmt: skip
 
 
 def parse_seeds(spec: str) -> list[int]:
@@ -170,23 +209,28 @@ def check_can_start(base: TrainConfig, recipes: Sequence[str], out: str | Path,
 
 
 def compare_and_print(base: TrainConfig, recipes: Sequence[str], out: str | Path,
-                      eval_tasks: str = "", seeds: Sequence[int] | None = None) -> int:  # fmt: skip
+                      eval_tasks: str = "", seeds: Sequence[int] | None = None,
+                      margin: float | None = None,
+                      require_equivalent: bool = False) -> int:  # fmt: skip
     """Run :func:`mxfp8.compare.compare`, print the table of final results and the report path.
 
     Shared by ``mxfp8 compare`` and ``mxfp8 demo``. Returns the exit status: 0, 1 when a run
-    failed, or 128 + the signal (143, 130) when SIGTERM / Ctrl-C stopped it after a
-    checkpoint. A comparison that cannot start raises a :class:`mxfp8.errors.UserError` (or
+    failed or (``require_equivalent``) a quantized recipe is not shown equivalent to bf16
+    within ``margin`` %, or 128 + the signal (143, 130) when SIGTERM / Ctrl-C stopped it after
+    a checkpoint. A comparison that cannot start raises a :class:`mxfp8.errors.UserError` (or
     another of :data:`mxfp8.errors.USER_ERRORS`) before any run starts.
     """
     from mxfp8.compare import CompareError, compare
 
+    if require_equivalent and margin is None:
+        raise UserError("--require-equivalent needs --margin PCT: equivalent within which margin?")
     check_can_start(base, recipes, out, seeds)
     try:
-        result = compare(base, recipes, out, eval_tasks=eval_tasks, seeds=seeds)
+        result = compare(base, recipes, out, eval_tasks=eval_tasks, seeds=seeds, margin=margin)
     except CompareError as exc:
         raise UserError(str(exc)) from exc
     if result.report is not None:
-        print_table(result.out)
+        print_table(result.out, margin)
     for name, why in result.failed.items():
         print(f"{name}: FAILED: {why}", file=sys.stderr)
     if result.incomplete:
@@ -196,13 +240,16 @@ def compare_and_print(base: TrainConfig, recipes: Sequence[str], out: str | Path
     print(f"report: {result.report}" if result.report else "no report: no run produced data")
     if result.stopped_by:
         return result.exit_code
+    if require_equivalent and margin is not None and not all_equivalent(out, recipes, margin):
+        return 1
     return 1 if result.failed else 0
 
 
-def print_table(out: str | Path) -> None:
+def print_table(out: str | Path, margin: float | None = None) -> None:
     """Final validation loss, perplexity, gap to the bf16 run, steady-state throughput and
     wall time of each run in ``out``; in a multi-seed comparison the gap of each run is to the
-    bf16 run of its seed, and the statistics over seeds follow."""
+    bf16 run of its seed, and the statistics over seeds follow (with ``margin``, the
+    equivalence to bf16 within +-``margin`` % too)."""
     from mxfp8.report.html import summary_rows
     from mxfp8.report.loader import is_multi_seed, load_runs
 
@@ -231,64 +278,7 @@ def print_table(out: str | Path) -> None:
           "wall time of the run, set-up and evaluation included")  # fmt: skip
     _print_task_scores(out)
     if is_multi_seed(runs):
-        print_seed_stats(runs)
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{x:+.2f} %"
-
-
-def print_seed_stats(runs: Sequence[Any]) -> None:
-    """Per recipe, over its seeds: validation loss mean +- std, the mean paired gap to bf16
-    with its 95 % t-interval, the verdict, and the cloze accuracy (mean) where evaluated."""
-    from mxfp8.report.stats import seed_stats
-
-    stats = seed_stats(runs)
-    seeds = sorted({r.seed for r in runs if r.seed is not None})
-    print(f"\nover seeds {', '.join(map(str, seeds))}: val loss mean +- std (ddof=1); gap: paired, "
-          "(run - bf16 of the same seed) / bf16 of that seed; 95 % CI of the mean gap: Student's "
-          "t, n-1 degrees of freedom (n = seeds with a complete run)")  # fmt: skip
-    cloze = any(s.cloze for s in stats)
-    width = max(20, *(len(s.recipe) for s in stats))
-    print(
-        f"{'recipe':<{width}} {'n':>2} {'val loss mean +- std':>21} {'gap mean':>9} "
-        f"{'95 % CI of gap':>21}  verdict" + ("  [cloze acc_mutual_info / acc]" if cloze else "")
-    )
-    for s in stats:
-        loss = "-" if s.val_loss_mean is None else f"{s.val_loss_mean:.4f}"
-        if s.val_loss_std is not None:
-            loss += f" +- {s.val_loss_std:.4f}"
-        gap = "baseline" if s.verdict == "baseline" else _pct(s.gap_mean_pct)
-        iv = s.interval
-        ci = "-" if iv is None else f"[{_pct(iv.low)}, {_pct(iv.high)}]"
-        line = f"{s.recipe:<{width}} {len(s.seeds):>2} {loss:>21} {gap:>9} {ci:>21}  {s.verdict}"
-        if s.diverged:
-            line += f" (diverged: seed {', '.join(map(str, s.diverged))})"
-        if s.incomplete:
-            line += f" (not complete, left out: seed {', '.join(map(str, s.incomplete))})"
-        if cloze and s.cloze:
-            mi, acc = s.cloze.get("acc_mutual_info"), s.cloze.get("acc")
-            mi_text = "-" if mi is None else f"{mi:.3f}"
-            acc_text = "-" if acc is None else f"{acc:.3f}"
-            line += f"  [{mi_text} / {acc_text}, {len(s.cloze_seeds)} seeds]"
-        print(line)
-    _print_against(stats, width)
-
-
-def _print_against(stats: Sequence[Any], width: int) -> None:
-    """Each ablation against mxfp8, paired seed by seed (when mxfp8 is in the comparison)."""
-    from mxfp8.report.stats import PAIR_REFERENCE, against
-
-    pairs = against(stats)
-    if not pairs:
-        return
-    print(f"\nagainst {PAIR_REFERENCE}, paired the same way: (run - {PAIR_REFERENCE} of the "
-          f"same seed) / {PAIR_REFERENCE} of that seed")  # fmt: skip
-    for p in pairs:
-        iv = p.interval
-        ci = "-" if iv is None else f"[{_pct(iv.low)}, {_pct(iv.high)}]"
-        print(f"{p.recipe:<{width}} {len(p.gap_pct):>2} {'':>21} {_pct(p.gap_mean_pct):>9} "
-              f"{ci:>21}  {p.verdict}")  # fmt: skip
+        print_seed_stats(runs, margin)
 
 
 def _print_task_scores(out: str | Path) -> None:

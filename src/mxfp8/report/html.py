@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import math
 import os
 import re
@@ -18,7 +19,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from mxfp8.report.equivalence import check_margin
 from mxfp8.report.loader import (
+    COMPARISON_INDEX,
     RunData,
     baseline,
     by_recipe,
@@ -260,8 +263,10 @@ def _configs(runs: Sequence[RunData]) -> str:
     return "".join(parts)
 
 
-def render_html(runs: Sequence[RunData], plots: Sequence[Plot], title: str) -> str:
-    """The report page as a string (no I/O)."""
+def render_html(runs: Sequence[RunData], plots: Sequence[Plot], title: str,
+                margin: float | None = None) -> str:  # fmt: skip
+    """The report page as a string (no I/O); ``margin`` (in %, a multi-seed comparison's
+    ``--margin``) adds the equivalence table."""
     figures = [_figure(p, _safe_stem(p.name)) for p in plots]
     overview = [f for p, f in zip(plots, figures, strict=True) if p.name in ("loss", "gap")]
     numerics = [f for p, f in zip(plots, figures, strict=True) if p.name not in ("loss", "gap")]
@@ -297,7 +302,7 @@ def render_html(runs: Sequence[RunData], plots: Sequence[Plot], title: str) -> s
 <p class="note">Generated {stamp} by <code>mxfp8 report</code> from {len(runs)} run
 director{"y" if len(runs) == 1 else "ies"}.</p>
 <h2>Summary</h2>
-{seed_table(runs) if multi else ""}{_table(runs)}
+{seed_table(runs, margin) if multi else ""}{_table(runs)}
 <p class="note">{gap_note}</p>
 <h2>Loss</h2>
 {"".join(overview) or "<p>No metrics logged yet.</p>"}
@@ -313,6 +318,19 @@ director{"y" if len(runs) == 1 else "ies"}.</p>
 </body>
 </html>
 """
+
+
+def comparison_margin(directory: Path) -> float | None:
+    """The equivalence margin (in %) that ``mxfp8 compare --margin`` recorded in the
+    comparison's ``comparison.json``, if any (then the report shows the equivalence table)."""
+    try:
+        margin = json.loads((directory / COMPARISON_INDEX).read_text()).get("margin")
+    except (OSError, ValueError, AttributeError):
+        return None
+    try:
+        return check_margin(margin)
+    except ValueError:  # absent, or not a margin compare could have written
+        return None
 
 
 def write_report(directory: str | Path, out: str | Path | None = None) -> Path:
@@ -339,6 +357,6 @@ def write_report(directory: str | Path, out: str | Path | None = None) -> Path:
         title = (f"mxfp8 comparison: {', '.join(by_recipe(runs))} "
                  f"(seeds {', '.join(map(str, seeds))})")  # fmt: skip
     tmp = out_path.with_name(f".{out_path.name}.tmp")
-    tmp.write_text(render_html(runs, plots, title), encoding="utf-8")
+    tmp.write_text(render_html(runs, plots, title, comparison_margin(directory)), encoding="utf-8")
     os.replace(tmp, out_path)
     return out_path

@@ -1,6 +1,7 @@
 """The report's tables of a multi-seed comparison: per recipe over its seeds (loss mean and
-std, the paired gap to bf16 with its t-interval and verdict, cloze), and each ablation
-against mxfp8, seed by seed. Statistics from :mod:`mxfp8.report.stats`; HTML cells only here.
+std, the paired gap to bf16 with its t-interval and verdict, cloze), each ablation against
+mxfp8, seed by seed, and, with a margin, each recipe's equivalence to bf16. Statistics from
+:mod:`mxfp8.report.stats` and :mod:`mxfp8.report.equivalence`; HTML cells only here.
 """
 
 from __future__ import annotations
@@ -10,6 +11,13 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from mxfp8.report.equivalence import (
+    EQUIVALENT,
+    NOT_EQUIVALENT,
+    SEEDS_NOTE,
+    TEST_NOTE,
+    equivalences,
+)
 from mxfp8.report.loader import RunData
 from mxfp8.report.stats import (
     BASELINE,
@@ -22,7 +30,7 @@ from mxfp8.report.stats import (
     seed_stats,
 )
 
-__all__ = ["against_table", "fmt", "pct", "seed_table", "verdict_class"]
+__all__ = ["against_table", "equivalence_table", "fmt", "pct", "seed_table", "verdict_class"]
 
 
 def fmt(x: float | None, digits: int = 4) -> str:
@@ -35,9 +43,10 @@ def pct(x: float | None) -> str:
     return "&ndash;" if x is None or not math.isfinite(x) else f"{x:+.3f}"
 
 
-def seed_table(runs: Sequence[RunData]) -> str:
+def seed_table(runs: Sequence[RunData], margin: float | None = None) -> str:
     """Per recipe over its seeds: loss mean and std, the mean paired gap with its 95 %
-    t-interval, the verdict, the cloze accuracies (a multi-seed comparison only)."""
+    t-interval, the verdict, the cloze accuracies (a multi-seed comparison only); then each
+    ablation against mxfp8 and, with ``margin`` (in %), the equivalence table."""
     stats = seed_stats(runs)
     cloze = any(s.cloze for s in stats)
     head = (
@@ -77,8 +86,9 @@ def seed_table(runs: Sequence[RunData]) -> str:
         "&ldquo;worse&rdquo; when it lies above 0, &ldquo;better&rdquo; below; one seed "
         "gives no interval and no verdict. Only runs that completed their steps count."
     )
+    eq = "" if margin is None else equivalence_table(stats, margin)
     return (f'<table class="seeds">{head}{"".join(body)}</table>\n'
-            f'<p class="note">{note}</p>\n{against_table(stats)}'
+            f'<p class="note">{note}</p>\n{against_table(stats)}{eq}'
             "<h3>Runs, seed by seed</h3>")  # fmt: skip
 
 
@@ -111,4 +121,37 @@ def against_table(stats: Sequence[RecipeStats]) -> str:
         f"<th>verdict</th><th>gap per seed (%)</th></tr>{''.join(rows)}</table>\n"
         f'<p class="note">The same statistics with {ref} in place of bf16: is an '
         f"ablation worse than the recipe it ablates?</p>\n"
+    )
+
+
+def _test_cell(t: float | None, p: float | None) -> str:
+    if p is None:
+        return "&ndash;"
+    return f"t = {'&ndash;' if t is None else f'{t:+.3f}'}, p = {p:.3g}"
+
+
+def equivalence_table(stats: Sequence[RecipeStats], margin: float) -> str:
+    """Each recipe's equivalence to bf16 within +-``margin`` % (TOST on the paired gaps)."""
+    rows = []
+    for e in equivalences(stats, margin):
+        iv = e.interval
+        ci = "&ndash;" if iv is None else (f"[{pct(iv.low)}, {pct(iv.high)}] "
+                                           f"(t = {iv.t:.3f}, {iv.df} df)")  # fmt: skip
+        cls = {EQUIVALENT: ' class="good"', NOT_EQUIVALENT: ' class="bad"'}.get(e.verdict, "")
+        needed = "&ndash;" if not e.seeds_note else html.escape(e.seeds_note)
+        rows.append(f"<tr><td>{html.escape(e.recipe)}</td><td>{e.n}</td>"
+                    f"<td>{pct(e.gap_mean_pct)}</td><td{cls}>{ci}</td>"
+                    f"<td>{_test_cell(e.t_lower, e.p_lower)}</td>"
+                    f"<td>{_test_cell(e.t_upper, e.p_upper)}</td>"
+                    f"<td{cls}>{html.escape(e.verdict)}</td><td>{needed}</td></tr>")  # fmt: skip
+    m = f"{margin:g}"
+    return (
+        f"<h3>Equivalence to bf16 within &plusmn;{m} %</h3>\n"
+        '<table class="seeds"><tr><th>recipe</th><th>seeds</th>'
+        "<th>paired gap to bf16 (loss %): mean</th><th>90 % confidence interval (t)</th>"
+        f"<th>test of gap &le; &minus;{m} %</th><th>test of gap &ge; +{m} %</th>"
+        f"<th>verdict</th><th>seeds needed</th></tr>{''.join(rows)}</table>\n"
+        f'<p class="note">Margin &plusmn;{m} % of the validation loss: '
+        f"{html.escape(TEST_NOTE)}. p: one-sided, each null rejected at p &le; 0.05. "
+        f"{html.escape(SEEDS_NOTE)}.</p>\n"
     )

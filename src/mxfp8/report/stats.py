@@ -335,8 +335,10 @@ def against(stats: Sequence[RecipeStats], reference: str = PAIR_REFERENCE) -> li
     return out
 
 
-def stats_json(runs: Sequence[RunData]) -> dict[str, Any]:
-    """What ``comparison.json`` holds about the seeds: the definitions and each recipe."""
+def stats_json(runs: Sequence[RunData], margin: float | None = None) -> dict[str, Any]:
+    """What ``comparison.json`` holds about the seeds: the definitions and each recipe; with
+    ``margin`` (in %), also each recipe's equivalence to bf16 within it
+    (:mod:`mxfp8.report.equivalence`)."""
     stats = seed_stats(runs)
     pairs = against(stats)
     out = {
@@ -348,4 +350,8 @@ def stats_json(runs: Sequence[RunData]) -> dict[str, Any]:
     }
     if pairs:
         out[f"against_{PAIR_REFERENCE}"] = {p.recipe: p.to_json() for p in pairs}
+    if margin is not None:
+        from mxfp8.report.equivalence import equivalence_json  # it imports this module
+
+        out["equivalence"] = equivalence_json(stats, margin)
     return out
