@@ -7,36 +7,70 @@ whole split (``mxfp8 eval CMP/<recipe>/seed<k>``, which appends the loss to that
 per recipe the mean and std over seeds, the paired gap to bf16 and to mxfp8 (seed by seed,
 in %), its 95 % t-interval and the verdict.
 
+An ``eval.json`` entry counts only when it scores what the comparison means by the run
+(:mod:`mxfp8.report.eval_entries`): the run's final checkpoint (its source names the
+checkpoint of the run's last step), under the run's recipe, on the run's validation split,
+in windows of the run's ``seq_len``, over the whole split (no ``--max-tokens`` cut it short);
+the newest such entry. A run without one is listed as missing and left out of the pairs (its
+seed then counts for no recipe paired with it), never replaced by another entry.
+
     python scripts/full_split_gaps.py CMP
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from mxfp8.report.stats import mean, paired_gaps, sample_std, t_interval, verdict
 
 
-def full_split_losses(cmp: Path) -> dict[str, dict[int, float]]:
-    """recipe -> seed -> loss of the latest whole-split evaluation in ``eval.json``."""
+def full_split_losses(cmp: Path) -> tuple[dict[str, dict[int, float]], list[str]]:
+    """(recipe -> seed -> whole-split loss of the run's final checkpoint, the runs left out
+    with the reason), over the completed seed runs of the comparison ``cmp``."""
+    from mxfp8.report.eval_entries import run_split, whole_split_loss
+    from mxfp8.report.loader import load_runs
+    from mxfp8.report.stats import is_complete
+    from mxfp8.train.checkpoint import CHECKPOINT_DIR, step_dir_name
+    from mxfp8.train.config import load_config
+
     out: dict[str, dict[int, float]] = {}
-    for path in sorted(cmp.glob("*/seed*/eval.json")):
-        entries = [e for e in json.loads(path.read_text())["evaluations"] if "loss" in e]
-        if entries:
-            seed = int(path.parent.name.removeprefix("seed"))
-            out.setdefault(path.parent.parent.name, {})[seed] = entries[-1]["loss"]
-    return {recipe: dict(sorted(by_seed.items())) for recipe, by_seed in out.items()}
+    missing: list[str] = []
+    splits: dict[str, tuple] = {}  # runs of one comparison share their data: prepared once
+    for run in load_runs(cmp):
+        if run.seed is None:
+            continue
+        if not is_complete(run):
+            missing.append(f"{run.name}: not complete")
+            continue
+        cfg = load_config(run.path / "config.toml")
+        step = run.summary["steps"]
+        key = repr(cfg.data)
+        if key not in splits:
+            splits[key] = run_split(cfg)
+        tokens, what = splits[key]
+        loss = whole_split_loss(run.evaluations, recipe=run.recipe, data=what,
+                                checkpoint=run.path / CHECKPOINT_DIR / step_dir_name(step),
+                                step=step, n_tokens=len(tokens),
+                                seq_len=cfg.run.seq_len)  # fmt: skip
+        if loss is None:
+            missing.append(f"{run.name}: no whole-split loss of its final checkpoint (step "
+                           f"{step}) under {run.recipe} on {what} in eval.json (mxfp8 eval "
+                           f"{run.path})")  # fmt: skip
+            continue
+        out.setdefault(run.key, {})[run.seed] = loss
+    return out, missing
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("cmp", type=Path, help="the comparison directory (OUT of mxfp8 compare)")
     args = ap.parse_args()
-    losses = full_split_losses(args.cmp)
+    losses, missing = full_split_losses(args.cmp)
+    if missing:
+        print("missing, left out of the statistics:\n  " + "\n  ".join(missing))
     if "bf16" not in losses:
-        raise SystemExit(f"{args.cmp}: no bf16 run scored by mxfp8 eval")
+        raise SystemExit(f"{args.cmp}: no bf16 run scored on its whole split by mxfp8 eval")
     for ref in ("bf16", "mxfp8"):
         if ref not in losses:
             continue
@@ -51,6 +85,9 @@ def main() -> None:
                 print(f"{head} {'reference':>9}")
                 continue
             gaps = paired_gaps(by_seed, losses[ref])
+            if not gaps:
+                print(f"{head} {'-':>9}  no {ref} run of the same seed")
+                continue
             iv = t_interval(list(gaps.values()))
             ci = "-" if iv is None else f"[{iv.low:+.2f} %, {iv.high:+.2f} %]"
             per_seed = ", ".join(f"{k}: {g:+.2f}" for k, g in gaps.items())

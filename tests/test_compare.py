@@ -161,8 +161,18 @@ def test_eval_tasks_are_scored_once_and_shown(comparison, cache, capsys, tmp_pat
         scores = evals[0]["tasks"]
         # cloze takes up to 1000 items: here all that the small test split holds
         assert set(scores) == {"cloze", "mini"} and 200 < scores["cloze"]["items"] <= 1000
-        assert scores["mini"]["items"] == 3 and 0 <= scores["mini"]["acc"] <= 1
-        assert f"cloze acc {scores['cloze']['acc']:.3f}" in out.out
+        assert scores["mini"]["items"] == 3 and scores["cloze"]["num_fewshot"] == 0
+        # what compare scored is what `mxfp8 eval --tasks` gives on the run's final
+        # checkpoint under its recipe, every number of it (a wrong checkpoint, recipe, split
+        # or item count would differ; same batch size, so the same sums)
+        ref = tmp_path / f"{recipe}-eval.json"
+        assert main(["eval", str(comparison / recipe), "--tasks", f"cloze,{task}", "--no-lm",
+                     "--batch-size", "16", "--out", str(ref)]) == 0  # fmt: skip
+        by_eval = json.loads(ref.read_text())["evaluations"][0]
+        assert by_eval["recipe"] == recipe and by_eval["tasks"] == scores
+        row = next(x for x in out.out.splitlines() if x.startswith(f"{recipe} ") and " acc " in x)
+        for name, t in scores.items():  # the table prints the scores of eval.json
+            assert f"{name} acc {t['acc']:.3f} +- {t['acc_stderr']:.3f}" in row
     assert "Evaluations" in (comparison / "report.html").read_text()
     import mxfp8.interop.source as source
 
@@ -179,6 +189,44 @@ def test_eval_tasks_are_scored_once_and_shown(comparison, cache, capsys, tmp_pat
     for recipe in ("bf16", "mxfp8-floor"):
         evals = json.loads((comparison / recipe / "eval.json").read_text())["evaluations"]
         assert len(evals) == 2 and set(evals[1]["tasks"]) == {"cloze", "mini", "other"}
+
+
+def test_a_limited_or_few_shot_score_is_scored_again(comparison, tmp_path, monkeypatch):
+    """compare --eval-tasks scores every item, zero-shot: an eval.json that holds a task only
+    with --limit 5, or 5-shot, holds no score of compare's, so the run is scored again; once
+    it holds compare's scores (from any entries), it is not."""
+    import shutil
+
+    import mxfp8.interop.source as source
+    from mxfp8.compare import evaluate_run
+
+    run = tmp_path / "bf16"
+    shutil.copytree(comparison / "bf16", run)
+    (run / "eval.json").unlink(missing_ok=True)  # what another test scored: not this one's
+    items = [{"context": "the scale of the", "choices": ["block", "zebra"], "label": 0}] * 3
+    dev = [{"context": "loss step", "choices": ["layer", "quartz"], "label": 0,
+            "split": "dev"}] * 5  # fmt: skip
+    task = tmp_path / "mini.jsonl"
+    task.write_text("".join(json.dumps(i) + "\n" for i in items + dev))
+    assert main(["eval", str(run), "--tasks", "cloze", "--limit", "5", "--no-lm"]) == 0
+    assert main(["eval", str(run), "--tasks", str(task), "--num-fewshot", "5", "--no-lm"]) == 0
+
+    def evals():
+        return json.loads((run / "eval.json").read_text())["evaluations"]
+
+    assert [e["tasks"]["cloze"]["items"] for e in evals()[:1]] == [5]
+    assert evals()[1]["tasks"]["mini"]["num_fewshot"] == 5
+    loads = []
+    original = source.open_model
+    monkeypatch.setattr(source, "open_model", lambda *a, **k: loads.append(a) or original(*a, **k))
+    evaluate_run(run, "cloze")  # only a --limit 5 cloze score: scored again
+    assert len(loads) == 1 and len(evals()) == 3
+    full = evals()[2]["tasks"]["cloze"]
+    assert full["items"] > 200 and full["num_fewshot"] == 0
+    evaluate_run(run, str(task))  # only a 5-shot score: scored again, zero-shot
+    assert len(loads) == 2 and evals()[3]["tasks"]["mini"]["num_fewshot"] == 0
+    evaluate_run(run, f"cloze,{task}")  # both held now, in two entries: nothing to do
+    assert len(loads) == 2 and len(evals()) == 4
 
 
 def test_recipe_sets_expand_in_order_without_repeats():

@@ -18,11 +18,11 @@ an error.
 Then ``OUT/comparison.json`` (the recipe order; with seeds, also the seeds and the statistics
 over them: :func:`mxfp8.report.stats.stats_json`) and ``OUT/report.html`` are written. With
 ``eval_tasks`` (``mxfp8 compare --eval-tasks cloze``), each completed run's final checkpoint is
-first scored on those multiple-choice tasks under its recipe (``RUN/eval.json``; a run already
-scored on them at that checkpoint is not scored again), and the report and the summary table
-show the scores. With ``margin`` (``--margin PCT``, with seeds), ``comparison.json`` also holds
-each recipe's equivalence to bf16 within +-PCT % (:mod:`mxfp8.report.equivalence`), and so
-does the report.
+first scored on those multiple-choice tasks under its recipe, zero-shot, on every item
+(``RUN/eval.json``; a run already scored so on them at that checkpoint is not scored again:
+:func:`_scored_already`), and the report and the summary table show the scores. With
+``margin`` (``--margin PCT``, with seeds), ``comparison.json`` also holds each recipe's
+equivalence to bf16 within +-PCT % (:mod:`mxfp8.report.equivalence`), and so does the report.
 """
 
 from __future__ import annotations
@@ -38,6 +38,13 @@ from typing import Any
 
 from mxfp8.fileio import write_text_atomically
 from mxfp8.report.equivalence import check_margin
+from mxfp8.report.eval_entries import (
+    COMPARE_NUM_FEWSHOT,
+    checkpoint_names,
+    is_full_task_result,
+    of_checkpoint,
+    run_split,
+)
 from mxfp8.report.html import write_report
 from mxfp8.report.loader import (
     COMPARISON_INDEX,
@@ -305,45 +312,56 @@ def compare(base: TrainConfig, recipes: Sequence[str], out: str | Path, eval_tas
 
 
 def evaluate_run(run_dir: Path, specs: str) -> None:
-    """Score a run's final checkpoint on the tasks ``specs`` under its own recipe, into
-    ``run_dir/eval.json``, unless it holds those scores for that checkpoint already."""
+    """Score a run's final checkpoint on the tasks ``specs`` under its own recipe, zero-shot
+    and on every item, into ``run_dir/eval.json``, unless it holds those scores already."""
     from mxfp8.interop import tasks as mc
     from mxfp8.interop.evaluate import append_evaluation
     from mxfp8.interop.source import eval_split, open_model
 
     path = run_dir / EVAL_FILE
-    names = mc.task_names(specs)
     known = json.loads(path.read_text()).get("evaluations", []) if path.is_file() else []
-    if _scored_already(run_dir, names, known):  # without loading the model
+    if _scored_already(run_dir, specs, known):  # without loading the model
         return
     loaded = open_model(run_dir)
     tokens, what = eval_split(loaded)
     name = run_dir.name  # a seed's run: <recipe>/seed<k>
     if SEED_DIR.fullmatch(name):
         name = f"{run_dir.parent.name}/{name}"
-    _say(f"evaluating {name} on {', '.join(sorted(names))}")
-    scores = mc.evaluate_tasks(loaded.model, loaded.tokenizer, specs, tokens)
+    _say(f"evaluating {name} on {', '.join(sorted(mc.task_names(specs)))}")
+    scores = mc.evaluate_tasks(loaded.model, loaded.tokenizer, specs, tokens,
+                               num_fewshot=COMPARE_NUM_FEWSHOT)  # fmt: skip
     append_evaluation(path, {"source": loaded.source, "recipe": loaded.recipe, "data": what,
                              "tasks": scores})  # fmt: skip
 
 
-def _scored_already(run_dir: Path, names: set[str], known: Sequence[dict[str, Any]]) -> bool:
-    """Whether ``known`` (``eval.json``'s evaluations) scores every task of ``names`` on the
-    run's latest intact checkpoint under its own recipe: the entries :func:`open_model` would
-    write for it name that checkpoint (:func:`names_checkpoint`) and the recipe of its config."""
-    from mxfp8.interop.source import names_checkpoint
+def _scored_already(run_dir: Path, specs: str, known: Sequence[dict[str, Any]]) -> bool:
+    """Whether ``known`` (``eval.json``'s evaluations) holds, for every task of ``specs``, a
+    result that :func:`evaluate_run` would give again: of the run's latest intact checkpoint
+    (its source names that checkpoint and step), under the recipe of its config, on the run's
+    validation split, zero-shot (:data:`COMPARE_NUM_FEWSHOT`) and over every item of the task
+    (no ``--limit`` cut it short). Each task may come from another entry. The model is never
+    loaded: the tasks are built from the split to count their items (only when some entry
+    names the checkpoint)."""
+    from mxfp8.interop import tasks as mc
     from mxfp8.train.checkpoint_load import find_checkpoint
-    from mxfp8.train.manifest import CONFIG_FILE
+    from mxfp8.train.data import prepare_data
+    from mxfp8.train.manifest import CONFIG_FILE, MANIFEST_FILE
 
     if not known:
         return False
     ck = find_checkpoint(run_dir, None)
-    recipe = load_config(ck / CONFIG_FILE).recipe.name
-    for e in known:
-        same_model = names_checkpoint(str(e.get("source", "")), ck) and e.get("recipe") == recipe
-        if same_model and names <= set(e.get("tasks") or {}):
-            return True
-    return False
+    step = json.loads((ck / MANIFEST_FILE).read_text())["step"]
+    cfg = load_config(ck / CONFIG_FILE)
+    names = checkpoint_names(ck, step)
+    if not any(e.get("source") in names and e.get("recipe") == cfg.recipe.name for e in known):
+        return False  # not even the checkpoint: no need to read the split
+    tokens, what = run_split(cfg)
+    found = of_checkpoint(known, recipe=cfg.recipe.name, data=what, checkpoint=ck, step=step)
+    if not found:
+        return False
+    tasks = mc.resolve(specs, prepare_data(cfg.data).tokenizer, tokens)
+    return all(any(is_full_task_result((e.get("tasks") or {}).get(t.name), len(t.items))
+                   for e in found) for t in tasks)  # fmt: skip
 
 
 def _newer_than_runs(report: Path, run_dirs: Sequence[Path]) -> bool:

@@ -98,7 +98,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default="",
         metavar="TASKS",
         help="after training, score each run's final checkpoint on these multiple-choice "
-        "tasks (cloze and/or JSONL files, comma-separated; see `mxfp8 eval --tasks`)",
+        "tasks, zero-shot and on every item (cloze and/or JSONL files, comma-separated; see "
+        "`mxfp8 eval --tasks`); a run whose eval.json holds such scores already is skipped",
     )
     add_config_options(
         p,
