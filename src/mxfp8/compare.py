@@ -329,8 +329,9 @@ def evaluate_run(run_dir: Path, specs: str) -> None:
         name = f"{run_dir.parent.name}/{name}"
     _say(f"evaluating {name} on {', '.join(sorted(mc.task_names(specs)))}")
     scores = mc.evaluate_tasks(loaded.model, loaded.tokenizer, specs, tokens,
-                               num_fewshot=COMPARE_NUM_FEWSHOT)  # fmt: skip
-    append_evaluation(path, {"source": loaded.source, "recipe": loaded.recipe, "data": what,
+                               num_fewshot=COMPARE_NUM_FEWSHOT,
+                               recipe=loaded.run_recipe)  # fmt: skip
+    append_evaluation(path, {"source": loaded.source, **loaded.recipe_record(), "data": what,
                              "tasks": scores})  # fmt: skip
 
 

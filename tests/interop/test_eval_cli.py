@@ -41,8 +41,7 @@ def test_uniform_model_scores_ln_vocab_and_the_bytes_of_its_targets(data_cache):
     assert res["windows"] == 10 and res["tokens"] == 320
     assert res["loss"] == pytest.approx(math.log(data.vocab_size), rel=1e-6)
     assert res["perplexity"] == pytest.approx(data.vocab_size, rel=1e-5)
-    targets = [tokens[i * seq + 1 : (i + 1) * seq + 1].tolist() for i in range(10)]
-    n_bytes = sum(len(data.tokenizer.decode(t).encode()) for t in targets)
+    n_bytes = len(data.tokenizer.decode(tokens[1:321].tolist()).encode())  # the 320 targets
     assert res["bytes"] == n_bytes
     assert res["bits_per_byte"] == pytest.approx(320 * math.log2(data.vocab_size) / n_bytes)
 
@@ -110,3 +109,63 @@ def test_eval_on_another_corpus_uses_the_models_tokenizer(run_dir, tmp_path, cap
     want = evaluate_lm(loaded.model, data.val, data.tokenizer, seq_len=32, max_tokens=1024)
     assert e["loss"] == pytest.approx(want["loss"], abs=1e-6)
     assert e["bits_per_byte"] == pytest.approx(want["bits_per_byte"], abs=1e-6)
+
+
+def test_bits_per_byte_counts_a_character_split_by_a_window_edge_once(data_cache):
+    """Each "é" is two bytes and, in this 512-token byte-level BPE trained on Shakespeare,
+    two tokens; with 3-token windows some characters start in one window and end in the next.
+    Decoded window by window, each half would count as a 3-byte replacement character."""
+    cfg = load_config(None, {**golden.OVERRIDES, "data.cache_dir": str(data_cache)})
+    tok = prepare_data(cfg.data).tokenizer
+    ids = tok.encode("a" + "é" * 30).ids
+    assert len(ids) == 61  # "a", then two byte tokens per "é"
+    tokens = np.asarray(ids)
+    model = Transformer(model_config("tiny", d_model=64, n_layers=1, n_heads=2, n_kv_heads=1,
+                                     ffn_hidden=128, vocab_size=tok.get_vocab_size()))  # fmt: skip
+    res = evaluate_lm(model, tokens, tok, seq_len=3, batch_size=4)
+    assert res["tokens"] == 60 and res["bytes"] == 60  # 30 characters of 2 bytes
+    per_window = sum(len(tok.decode(ids[i + 1 : i + 4]).encode()) for i in range(0, 60, 3))
+    assert per_window != 60  # what decoding each window on its own counted
+
+
+def _val_losses(run_dir):
+    from mxfp8.train.runlog import read_metrics
+
+    return {m["step"]: m["val_loss"] for m in read_metrics(run_dir) if "val_loss" in m}
+
+
+def test_eval_runs_an_overridden_recipe_as_its_run_did(tmp_path, data_cache, capsys):
+    """A run whose recipe is more than its preset's name: a changed field (the floor scale
+    rule), the first block kept in bf16 and one layer under another preset. ``mxfp8 eval
+    --val-batches`` of each checkpoint gives the val_loss the run logged at that step, bit for
+    bit; the preset by its name alone (what eval used to rebuild) gives another number."""
+    out = tmp_path / "run"
+    layer = {"pattern": "layers.1.feed_forward.w2", "recipe": "mxfp8-e5m2-grads"}
+    over = {**golden.OVERRIDES, "data.cache_dir": str(data_cache), "run.out": str(out),
+            "recipe.name": "mxfp8", "recipe.scale_rule": "floor", "recipe.keep_first_blocks": 1,
+            "recipe.overrides": [layer], "run.steps": 6, "run.eval_every": 3,
+            "run.ckpt_every": 3}  # fmt: skip
+    train(load_config(None, over))
+    logged = _val_losses(out)
+    assert set(logged) == {3, 6}
+    for step in (3, 6):
+        assert main(["eval", str(out), "--step", str(step), "--val-batches"]) == 0
+    assert main(["eval", str(out), "--val-batches", "--recipe", "mxfp8"]) == 0
+    *ours, named = json.loads((out / "eval.json").read_text())["evaluations"]
+    assert [e["loss"] for e in ours] == [logged[3], logged[6]]  # exactly
+    assert named["loss"] != logged[6]
+    e = ours[-1]
+    assert e["recipe"] == "mxfp8" and e["recipe_is_the_runs"] is True
+    fields = e["recipe_fields"]
+    assert fields["scale_rule"] == "floor" and fields["keep_first_blocks"] == 1
+    assert fields["overrides"] == [layer]
+    assert named["recipe_is_the_runs"] is False and named["recipe_fields"]["scale_rule"] == "rceil"
+    # the whole split and the tasks run under the same recipe (its autocast included)
+    from mxfp8.interop.source import open_model
+
+    loaded = open_model(out)
+    assert loaded.run_recipe == load_config(out / "config.toml").recipe.build()
+    w2 = loaded.model.get_submodule("layers.1.feed_forward.w2")
+    assert w2.recipe.name == "mxfp8-e5m2-grads"
+    assert type(loaded.model.get_submodule("layers.0.attention.wq")) is torch.nn.Linear  # kept
+    capsys.readouterr()

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from mxfp8.errors import UserError
 from mxfp8.interop import tasks as mc
+from mxfp8.layers.recipe import recipe
 from mxfp8.train import golden
 from mxfp8.train.config import load_config
 from mxfp8.train.data import prepare_data
@@ -46,24 +47,38 @@ def test_trailing_space_moves_into_the_continuation(data):
     assert mc.encode_pair(tok, "", "to be", eot=0) == ([0], tok.encode("to be").ids)
 
 
-def _direct_sum(model, ctx, cont):
-    """The continuation's summed log-probability from one plain forward of its own."""
+def _direct_sum(model, ctx, cont, bf16=False):
+    """The continuation's summed log-probability from one plain forward of its own (under
+    bf16 autocast with ``bf16``)."""
     ids = torch.tensor([ctx + cont])
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         logp = F.log_softmax(model(ids[:, :-1])[0].float(), -1)[0]
     return sum(float(logp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont))
 
 
+TEXTS = [("ROMEO:", " But soft"), ("First Citizen:\nBefore we", " proceed any further"),
+         ("A", " b"), ("long " * 30, " tail that is cut on the left")]  # fmt: skip
+
+
 def test_batched_scores_equal_one_forward_per_request(model, data):
-    tok = data.tokenizer
-    texts = [("ROMEO:", " But soft"), ("First Citizen:\nBefore we", " proceed any further"),
-             ("A", " b"), ("long " * 30, " tail that is cut on the left")]  # fmt: skip
-    reqs = [mc.encode_pair(tok, c, x) for c, x in texts]
-    got = mc.loglikelihoods(model, reqs, batch_size=3)
+    reqs = [mc.encode_pair(data.tokenizer, c, x) for c, x in TEXTS]
+    got = mc.loglikelihoods(model, reqs, batch_size=3, recipe=recipe("fp32"))
     for (ctx, cont), (ll, _) in zip(reqs, got, strict=True):
         keep = (ctx + cont)[-(model.cfg.max_seq_len + 1) :]
         want = _direct_sum(model, keep[: len(keep) - len(cont)], cont)
         assert ll == pytest.approx(want, abs=1e-4)
+
+
+def test_task_scores_run_under_the_recipes_autocast(model, data):
+    """A bf16 recipe scores under bf16 autocast, as its loss is evaluated and as it trained
+    (task scoring used to run in fp32 whatever the recipe): the sums are those of an explicit
+    bf16 forward, and measurably not the fp32 ones."""
+    reqs = [mc.encode_pair(data.tokenizer, c, x) for c, x in TEXTS[:3]]
+    got = mc.loglikelihoods(model, reqs, batch_size=1, recipe=recipe("bf16"))
+    for (ctx, cont), (ll, _) in zip(reqs, got, strict=True):
+        bf16 = _direct_sum(model, ctx, cont, bf16=True)
+        assert ll == pytest.approx(bf16, abs=1e-5)
+        assert abs(ll - _direct_sum(model, ctx, cont)) > 1e-3
 
 
 def test_acc_acc_norm_mutual_info_and_their_standard_errors(monkeypatch, model, data):
@@ -73,7 +88,7 @@ def test_acc_acc_norm_mutual_info_and_their_standard_errors(monkeypatch, model, 
     cond = iter([-2.0, -4.0, -2.0, -4.0, -9.0, -1.0])
     seen = []
 
-    def fake(m, reqs, bs):
+    def fake(m, reqs, bs, recipe=None):
         seen.append(reqs)
         if len(seen) == 1:  # the distinct choices after the empty context, in sorted order
             return [(prior[c], False) for c in sorted(prior)]
@@ -144,9 +159,9 @@ def test_an_empty_context_is_scored_after_the_document_separator(monkeypatch, mo
     seen = []
     real = mc.loglikelihoods
 
-    def spy(m, reqs, bs):
+    def spy(m, reqs, bs, recipe=None):
         seen.extend(reqs)
-        return real(m, reqs, bs)
+        return real(m, reqs, bs, recipe=recipe)
 
     monkeypatch.setattr(mc, "loglikelihoods", spy)
     task = mc.Task("t", [mc.Item("", ("ROMEO:", "zz qq"), 0)])

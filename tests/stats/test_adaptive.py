@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from mxfp8.cli.main import main
 from mxfp8.layers.convert import convert_model
 from mxfp8.layers.linear import MXLinear
 from mxfp8.layers.precision import load_precision_state_dict, precision_state_dict
@@ -99,6 +100,17 @@ def test_an_outlier_layer_is_switched_logged_checkpointed_and_resumed(tmp_path, 
     assert {r["step"] for r in rows if r["layer"] == TARGET} == {2}
     state = torch.load(tmp_path / "full/checkpoints/step_0000006/state.pt", weights_only=True)
     assert set(state["precision"]) == set(by_name)
+    # evaluated later, the checkpoint runs its switched layers in bf16, as the run did: the
+    # run's own validation batches give its logged val_loss exactly
+    assert main(["eval", str(tmp_path / "full"), "--val-batches"]) == 0
+    # the preset by its name (what eval rebuilt before): the switched layers in MX again
+    assert (
+        main(["eval", str(tmp_path / "full"), "--val-batches", "--recipe", "mxfp8-adaptive"]) == 0
+    )
+    ev, by_preset = json.loads((tmp_path / "full/eval.json").read_text())["evaluations"]
+    logged = [m["val_loss"] for m in read_metrics(tmp_path / "full") if m["step"] == 6]
+    assert ev["loss"] == logged[0] and ev["precision_switches"] == sorted(by_name)
+    assert by_preset["loss"] != logged[0] and by_preset["precision_switches"] == []
     # stopped at step 3 (after the switch), resumed: bit-identical to the uninterrupted run
     part = tmp_path / "part"
     train(_cfg(part, data_cache, **{"run.stop_after": 3}), hooks=[_Outlier()])

@@ -3,22 +3,22 @@
 The split is cut into consecutive, non-overlapping windows of ``seq_len + 1`` tokens (each
 window predicts its last ``seq_len`` tokens from the ones before, as training does), in order
 from the start, so every token of the evaluated range is predicted exactly once and the result
-does not depend on a seed. The forward runs under the recipe's autocast (bf16 unless the recipe
-computes in fp16 or fp32), as the training loop's validation does, so ``mxfp8 eval`` of a run's
-final checkpoint on its validation split agrees with its final validation loss up to the choice
-of windows.
+does not depend on a seed. The forward is the training loop's validation forward
+(:func:`mxfp8.train.model.inference_forward`: the recipe's autocast, the run's quantized
+layers), so ``mxfp8 eval`` of a run's checkpoint on its validation split agrees with its
+validation loss up to the choice of windows, and on the run's own validation batches
+(:func:`evaluate_val_batches`) equals it bit for bit.
 
 - ``loss``: mean next-token cross-entropy in nats over the predicted tokens;
 - ``perplexity``: ``exp(loss)``;
-- ``bits_per_byte``: the summed loss in bits divided by the UTF-8 bytes those tokens decode to
-  (special tokens decode to nothing and count no bytes); comparable across tokenizers.
+- ``bits_per_byte``: the summed loss in bits divided by the UTF-8 bytes of the predicted
+  tokens, decoded as one text (a character whose bytes span two windows counts once; special
+  tokens decode to nothing and count no bytes); comparable across tokenizers.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -28,20 +28,9 @@ from tokenizers import Tokenizer
 
 from mxfp8.errors import UserError
 from mxfp8.layers.recipe import Recipe
-from mxfp8.layers.recipe import recipe as named_recipe
-from mxfp8.train.model import Transformer
+from mxfp8.train.model import Transformer, eval_mode, inference_forward
 
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """``model.eval()`` for the block, then the mode it had (an inference forward of a model
-    in training mode would still checkpoint its blocks)."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
+__all__ = ["append_evaluation", "eval_mode", "evaluate_lm", "evaluate_val_batches"]
 
 
 def _windows(n_tokens: int, seq_len: int, max_tokens: int | None) -> list[int]:
@@ -66,18 +55,18 @@ def evaluate_lm(model: Transformer, tokens: np.ndarray, tokenizer: Tokenizer, *,
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     starts = _windows(len(tokens), seq_len, max_tokens)
     device = model.tok_embeddings.weight.device
-    nll, count, n_bytes = 0.0, 0, 0
-    with eval_mode(model):
-        for b in range(0, len(starts), batch_size):
-            rows = np.stack([tokens[s : s + seq_len + 1] for s in starts[b : b + batch_size]])
-            batch = torch.from_numpy(rows.astype(np.int64)).to(device)
-            x, y = batch[:, :-1], batch[:, 1:]
-            with (recipe or named_recipe("bf16")).autocast(device.type):
-                logits, _ = model(x)
-            losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
-            nll += float(losses)
-            count += y.numel()
-            n_bytes += sum(len(tokenizer.decode(r.tolist()).encode("utf-8")) for r in y.cpu())
+    nll, count = 0.0, 0
+    for b in range(0, len(starts), batch_size):
+        rows = np.stack([tokens[s : s + seq_len + 1] for s in starts[b : b + batch_size]])
+        batch = torch.from_numpy(rows.astype(np.int64)).to(device)
+        x, y = batch[:, :-1], batch[:, 1:]
+        logits, _ = inference_forward(model, x, recipe=recipe)
+        losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+        nll += float(losses)
+        count += y.numel()
+    # the predicted tokens are one contiguous range of the split: decode it whole
+    predicted = tokens[1 : 1 + count].tolist()
+    n_bytes = len(tokenizer.decode(predicted).encode("utf-8"))
     loss = nll / count
     return {
         "loss": loss,
@@ -88,6 +77,27 @@ def evaluate_lm(model: Transformer, tokens: np.ndarray, tokenizer: Tokenizer, *,
         "seq_len": seq_len,
         "windows": len(starts),
     }
+
+
+def evaluate_val_batches(loaded: Any) -> dict[str, Any]:
+    """The loss of a run's checkpoint on the run's own validation batches (``run.eval_batches``
+    batches of ``run.batch_size`` windows, :func:`mxfp8.train.data.eval_batches`), by the
+    training loop's own :func:`~mxfp8.train.loop.evaluate`: the ``val_loss`` the run logged at
+    that step, bit for bit (unless an adaptive switch happened at that very step: the run
+    validated before it)."""
+    from mxfp8.train.data import eval_batches, prepare_data
+    from mxfp8.train.loop import evaluate
+
+    cfg = loaded.run_config
+    if cfg is None:
+        raise UserError(f"{loaded.source}: --val-batches needs the run the model came from")
+    run = cfg.run
+    batches = eval_batches(prepare_data(cfg.data), batch_size=run.batch_size,
+                           seq_len=run.seq_len, n_batches=run.eval_batches)  # fmt: skip
+    device = loaded.model.tok_embeddings.weight.device
+    loss = evaluate(loaded.model, batches, device, recipe=loaded.run_recipe)
+    return {"loss": loss, "perplexity": math.exp(loss), "val_batches": run.eval_batches,
+            "tokens": run.eval_batches * run.batch_size * run.seq_len}  # fmt: skip
 
 
 def append_evaluation(path, entry: dict[str, Any]) -> None:

@@ -59,6 +59,7 @@ class Source:
     tokenizer_path: Path
     mx_linears: frozenset[str]  # fqns of the linears the recipe quantizes (convert_model's)
     scale_rule: str
+    state: dict[str, Any]  # the checkpoint's state.pt (its layers' scaling and precision state)
 
     @property
     def recipe(self) -> str:
@@ -84,6 +85,9 @@ def read_source(checkpoint: Path) -> Source:
     rec = cfg.recipe.build()
     if not rec.quantized:  # a bf16 run exported as mxfp8: the default MX recipe's layers
         rec = named_recipe("mxfp8")
+    # the linears the run quantized at this step: an adaptive run's switches ran in bf16
+    switched = set(state.get("precision") or {})
+    mx_linears = frozenset(plan_conversion(model, rec).converted) - switched
     return Source(
         checkpoint=checkpoint,
         step=int(state["step"]),
@@ -92,8 +96,9 @@ def read_source(checkpoint: Path) -> Source:
         weights={k: v.detach() for k, v in model.state_dict().items()},  # fp32, shared
         tokenizer=Tokenizer.from_file(str(tok_path)),
         tokenizer_path=tok_path,
-        mx_linears=frozenset(plan_conversion(model, rec).converted),
+        mx_linears=mx_linears,
         scale_rule=rec.scale_rule.value,
+        state=state,
     )
 
 

@@ -41,7 +41,8 @@ class MXFP8LM(LM):
         pairs = [
             mc.encode_pair(tok, ctx, cont, self.eot) for ctx, cont in (r.args for r in requests)
         ]
-        return mc.loglikelihoods(self.loaded.model, pairs, self.batch)
+        return mc.loglikelihoods(self.loaded.model, pairs, self.batch,
+                                 recipe=self.loaded.run_recipe)  # fmt: skip
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Each string's log-probability, in windows of max_seq_len that predict each token
@@ -55,7 +56,8 @@ class MXFP8LM(LM):
             for start in range(0, len(ids), limit):
                 end = min(start + limit, len(ids))
                 pairs.append((seq[max(0, end - limit) : start + 1], ids[start:end]))
-            scores = mc.loglikelihoods(self.loaded.model, pairs, self.batch)
+            scores = mc.loglikelihoods(self.loaded.model, pairs, self.batch,
+                                       recipe=self.loaded.run_recipe)  # fmt: skip
             out.append(sum(ll for ll, _ in scores))
         return out
 

@@ -4,39 +4,61 @@ run directory, a checkpoint directory, or a Llama directory (an export, or trans
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer
 
 from mxfp8.errors import UserError
+from mxfp8.layers.convert import convert_model
+from mxfp8.layers.precision import load_layer_state, precision_state_dict
+from mxfp8.layers.recipe import Recipe
+from mxfp8.layers.recipe import recipe as named_recipe
 from mxfp8.train.model import Transformer
 
 
 @dataclass
 class Loaded:
-    model: Transformer  # fp32 master weights, eval mode, linears converted to ``recipe``
+    model: Transformer  # fp32 master weights, eval mode, linears converted to ``run_recipe``
     tokenizer: Tokenizer
-    recipe: str
+    recipe: str  # the recipe's name (a preset, with the run's changes if any: see below)
     source: str  # what was loaded, for messages and eval.json
     run_config: Any  # the run's TrainConfig (a run, or an export that names its run), or None
     tokenizer_path: Path
     home: Path  # the run directory, or the model directory: where eval.json goes
+    # the resolved recipe the model runs under (its autocast, its quantized layers): the
+    # run's own (overrides, kept blocks, changed fields) unless --recipe named another
+    run_recipe: Recipe | None = None
+    # layers the run had switched to bf16 by that checkpoint (mxfp8-adaptive), re-applied
+    precision_switches: dict[str, Any] = field(default_factory=dict)
+    runs_recipe: bool = True  # False when --recipe replaced the run's
+
+    def recipe_record(self) -> dict[str, Any]:
+        """How eval.json records what the model ran under: the name, every resolved field,
+        whether it is the run's own recipe, and the layers switched to bf16."""
+        rec = self.run_recipe or named_recipe(self.recipe)
+        return {"recipe": self.recipe, "recipe_fields": rec.to_dict(),
+                "recipe_is_the_runs": self.runs_recipe,
+                "precision_switches": sorted(self.precision_switches)}  # fmt: skip
 
 
 def open_model(path: str | Path, *, step: int | None = None, recipe: str | None = None) -> Loaded:
-    """Load ``path`` (see the module doc). ``recipe`` (a named recipe) replaces the one the
-    model was trained with: a bf16-trained model under ``mxfp8`` answers whether MX
-    inference hurts; a Llama directory defaults to ``bf16``, or to the recipe its export
-    recorded."""
+    """Load ``path`` (see the module doc) as its run ran it at that checkpoint: converted to
+    the run's resolved recipe (``[recipe]`` with its overrides and field changes), with the
+    checkpoint's adaptive switches to bf16 and delayed-scaling state re-applied, so that its
+    forward (:func:`mxfp8.train.model.inference_forward` under :attr:`Loaded.run_recipe`) is the
+    one the run validated with, bit for bit.
+
+    ``recipe`` (a named recipe) replaces the run's: a bf16-trained model under ``mxfp8``
+    answers whether MX inference hurts. A Llama directory runs under the recipe of the run its
+    export names when that checkpoint is still there (as above), else under the recipe name
+    its export recorded, else ``bf16``."""
     from mxfp8.interop.export import PROVENANCE_FILE
-    from mxfp8.layers.convert import convert_model
-    from mxfp8.layers.recipe import recipe as named_recipe
     from mxfp8.train.pretrained import build_model, is_pretrained_dir, read_pretrained
 
     path = Path(path)
-    run_config = None
+    run_config, state = None, {}
     if is_pretrained_dir(path):
         if step is not None:
             raise UserError(f"{path} is a model directory: --step applies to a run directory")
@@ -49,7 +71,7 @@ def open_model(path: str | Path, *, step: int | None = None, recipe: str | None 
         if prov.is_file():
             info = json.loads(prov.read_text())
             trained = info.get("recipe", "bf16")
-            run_config = _export_run_config(Path(info.get("checkpoint", "")))
+            run_config, state = _export_run(Path(info.get("checkpoint", "")))
         source = f"{path} (model directory)"
         tok_path, home = path / "tokenizer.json", path
     else:
@@ -59,14 +81,22 @@ def open_model(path: str | Path, *, step: int | None = None, recipe: str | None 
         ck = find_checkpoint(path, step)
         src = read_source(ck)
         model, tok, trained, run_config = src.model, src.tokenizer, src.recipe, src.config
+        state = src.state
         source = checkpoint_source(ck, src.step)
         tok_path = src.tokenizer_path
         home = ck.parent.parent if ck.parent.name == "checkpoints" else ck
-    name = recipe or trained
-    rec = named_recipe(name)
-    if rec.quantized:
+    if recipe is not None:  # another recipe, named: nothing of the run's applies
+        rec, state = named_recipe(recipe), {}
+    elif run_config is not None:
+        rec = run_config.recipe.build()
+    else:
+        rec = named_recipe(trained)
+    if rec.quantizes_any:
         model = convert_model(model, rec)
-    return Loaded(model.eval(), tok, name, source, run_config, tok_path, home)
+    load_layer_state(model, state)
+    return Loaded(model.eval(), tok, recipe or trained, source, run_config, tok_path, home,
+                  run_recipe=rec, precision_switches=precision_state_dict(model),
+                  runs_recipe=recipe is None)  # fmt: skip
 
 
 def checkpoint_source(checkpoint: Path, step: int) -> str:
@@ -79,13 +109,15 @@ def names_checkpoint(source: str, checkpoint: Path) -> bool:
     return source.startswith(f"{checkpoint} (step ")
 
 
-def _export_run_config(checkpoint: Path):
-    """The config of the run an export came from, when that checkpoint is still there."""
+def _export_run(checkpoint: Path) -> tuple[Any, dict[str, Any]]:
+    """(config, state.pt) of the checkpoint an export came from, when it is still there;
+    (None, {}) otherwise."""
+    from mxfp8.train import checkpoint as ckpt
     from mxfp8.train.config import load_config
-    from mxfp8.train.manifest import CONFIG_FILE
 
-    path = checkpoint / CONFIG_FILE
-    return load_config(path) if checkpoint.name and path.is_file() else None
+    if not checkpoint.name or not (checkpoint / ckpt.CONFIG_FILE).is_file():
+        return None, {}
+    return load_config(checkpoint / ckpt.CONFIG_FILE), ckpt.load_state(checkpoint)
 
 
 def eval_split(loaded: Loaded, data: str | None = None):

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from mxfp8.errors import UserError
-from mxfp8.interop.evaluate import eval_mode
-from mxfp8.train.model import Transformer
+from mxfp8.layers.recipe import Recipe
+from mxfp8.train.model import Transformer, inference_forward
 from mxfp8.train.tokenizer import eot_id
 
 TARGET_DELIMITER = " "
@@ -126,34 +126,36 @@ def fewshot_prompt(task: Task, index: int, k: int, seed: int) -> str:
 
 @torch.no_grad()
 def loglikelihoods(model: Transformer, requests: list[tuple[list[int], list[int]]],
-                   batch_size: int = 16) -> list[tuple[float, bool]]:  # fmt: skip
+                   batch_size: int = 16, *, recipe: Recipe | None = None,
+                   ) -> list[tuple[float, bool]]:  # fmt: skip
     """(summed log-probability of the continuation, whether it is the greedy one) for each
-    (context ids, continuation ids); the context is cut on the left to fit max_seq_len."""
+    (context ids, continuation ids); the context is cut on the left to fit max_seq_len. The
+    forward is :func:`~mxfp8.train.model.inference_forward` under ``recipe`` (the run's
+    recipe, as for the loss; bf16 autocast when None)."""
     limit = model.cfg.max_seq_len
     device = model.tok_embeddings.weight.device
     out: list[tuple[float, bool]] = []
-    with eval_mode(model):
-        for b in range(0, len(requests), batch_size):
-            chunk = requests[b : b + batch_size]
-            seqs = []
-            for ctx, cont in chunk:
-                if not cont:
-                    raise UserError("a continuation encodes to no tokens")
-                ids = (ctx + cont)[-(limit + 1) :]
-                seqs.append(ids)
-            width = max(len(s) - 1 for s in seqs)
-            x = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
-            for i, s in enumerate(seqs):
-                x[i, : len(s) - 1] = torch.tensor(s[:-1])
-            logits, _ = model(x)
-            logp = F.log_softmax(logits.float(), dim=-1)
-            for i, ((_, cont), s) in enumerate(zip(chunk, seqs, strict=True)):
-                n = len(cont)
-                pos = torch.arange(len(s) - 1 - n, len(s) - 1, device=device)
-                target = torch.tensor(s[-n:], device=device)
-                rows = logp[i, pos]
-                out.append((float(rows.gather(1, target[:, None]).sum()),
-                            bool(torch.equal(rows.argmax(-1), target))))  # fmt: skip
+    for b in range(0, len(requests), batch_size):
+        chunk = requests[b : b + batch_size]
+        seqs = []
+        for ctx, cont in chunk:
+            if not cont:
+                raise UserError("a continuation encodes to no tokens")
+            ids = (ctx + cont)[-(limit + 1) :]
+            seqs.append(ids)
+        width = max(len(s) - 1 for s in seqs)
+        x = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
+        for i, s in enumerate(seqs):
+            x[i, : len(s) - 1] = torch.tensor(s[:-1])
+        logits, _ = inference_forward(model, x, recipe=recipe)
+        logp = F.log_softmax(logits.float(), dim=-1)
+        for i, ((_, cont), s) in enumerate(zip(chunk, seqs, strict=True)):
+            n = len(cont)
+            pos = torch.arange(len(s) - 1 - n, len(s) - 1, device=device)
+            target = torch.tensor(s[-n:], device=device)
+            rows = logp[i, pos]
+            out.append((float(rows.gather(1, target[:, None]).sum()),
+                        bool(torch.equal(rows.argmax(-1), target))))  # fmt: skip
     return out
 
 
@@ -166,9 +168,10 @@ def _stderr(hits: list[float]) -> float:
 
 
 def evaluate_task(model: Transformer, tok: Tokenizer, task: Task, *, num_fewshot: int = 0,
-                  limit: int | None = None, seed: int = 1234,
-                  batch_size: int = 16) -> dict[str, Any]:  # fmt: skip
-    """acc, acc_norm and their standard errors over the task's items (the first ``limit``)."""
+                  limit: int | None = None, seed: int = 1234, batch_size: int = 16,
+                  recipe: Recipe | None = None) -> dict[str, Any]:  # fmt: skip
+    """acc, acc_norm, acc_mutual_info and their standard errors over the task's items (the
+    first ``limit``), the model under ``recipe`` (see :func:`loglikelihoods`)."""
     if num_fewshot < 0:
         raise UserError(f"--num-fewshot must be >= 0, got {num_fewshot}")
     n_items = len(task.items) if limit is None else min(limit, len(task.items))
@@ -183,9 +186,9 @@ def evaluate_task(model: Transformer, tok: Tokenizer, task: Task, *, num_fewshot
     # each distinct choice once after the empty context, for acc_mutual_info
     distinct = sorted({c for i in range(n_items) for c in task.items[i].choices})
     uncond = loglikelihoods(model, [encode_pair(tok, "", task.delimiter + c, eot)
-                                    for c in distinct], batch_size)  # fmt: skip
+                                    for c in distinct], batch_size, recipe=recipe)  # fmt: skip
     prior = {c: u[0] for c, u in zip(distinct, uncond, strict=True)}
-    scores = loglikelihoods(model, requests, batch_size)
+    scores = loglikelihoods(model, requests, batch_size, recipe=recipe)
     hits: dict[str, list[float]] = {"acc": [], "acc_norm": [], "acc_mutual_info": []}
     k = 0
     for i in range(n_items):

@@ -65,3 +65,15 @@ def load_precision_state_dict(model: nn.Module, state: dict[str, dict[str, Any]]
         m = modules[name]
         if getattr(m, "precision_switch", None) is None:
             switch_to_high_precision(m, record["step"], record["reason"])
+
+
+def load_layer_state(model: nn.Module, state: dict[str, Any]) -> None:
+    """What a checkpoint's ``state.pt`` holds about the converted layers, re-applied to a model
+    converted to the run's recipe: delayed-scaling histories (``scaling``) and adaptive
+    switches to bf16 (``precision``). Training's resume and evaluation both call this, so an
+    evaluated checkpoint quantizes exactly what its run quantized at that step."""
+    from mxfp8.layers.convert import load_scaling_state_dict
+
+    if state.get("scaling") is not None:  # a checkpoint without delayed scaling holds {}
+        load_scaling_state_dict(model, state["scaling"])
+    load_precision_state_dict(model, state.get("precision") or {})

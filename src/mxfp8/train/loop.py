@@ -29,7 +29,6 @@ from torch import nn
 from mxfp8.fileio import write_text_atomically
 from mxfp8.layers.convert import layer_recipes
 from mxfp8.layers.recipe import Recipe
-from mxfp8.layers.recipe import recipe as named_recipe
 from mxfp8.layers.scratch import pool_nbytes
 from mxfp8.parallel import LOCAL, Comm, DistEnv
 from mxfp8.stats import adaptive, divergence, telemetry
@@ -38,6 +37,7 @@ from mxfp8.train import checkpoint as ckpt
 from mxfp8.train import session as session_mod
 from mxfp8.train.config import ConfigError, TrainConfig
 from mxfp8.train.hooks import RunResult, TrainContext, TrainHook
+from mxfp8.train.model import inference_forward
 from mxfp8.train.preempt import stop_on_signals
 from mxfp8.train.resume import RunComplete, StartPoint, find_start
 from mxfp8.train.runlog import SUMMARY_FILE, RunLog, perplexity
@@ -72,24 +72,16 @@ def _auto_hooks(cfg: TrainConfig, run_dir: Path) -> list[TrainHook]:
     return [h for h in made if h is not None]
 
 
-BF16 = named_recipe("bf16")
-
-
-@torch.no_grad()
 def evaluate(model: nn.Module, batches, device: torch.device, comm: Comm = LOCAL,
              recipe: Recipe | None = None) -> float:  # fmt: skip
-    """Mean validation loss over fixed batches (under the recipe's autocast, as in training:
-    bf16 when no recipe is given); in a
-    distributed run each rank holds its slice of every batch and the result is the mean over
-    the ranks, i.e. over the whole batches."""
-    was_training = model.training
-    model.eval()
+    """Mean validation loss over fixed batches, through :func:`inference_forward` (the
+    recipe's autocast, as in training; bf16 when no recipe is given), the forward ``mxfp8
+    eval`` runs too. In a distributed run each rank holds its slice of every batch and the
+    result is the mean over the ranks, i.e. over the whole batches."""
     total = 0.0
     for x, y in batches:
-        with (recipe or BF16).autocast(device.type):
-            _, loss = model(x.to(device), y.to(device))
+        _, loss = inference_forward(model, x.to(device), y.to(device), recipe=recipe)
         total += float(loss)
-    model.train(was_training)
     return comm.mean(total / len(batches))
 
 

@@ -38,7 +38,9 @@ from __future__ import annotations
 import contextlib
 import enum
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -374,3 +376,31 @@ class Transformer(nn.Module):
             if not self.cfg.tie_embeddings:
                 total -= self.output.weight.numel()
         return total
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` for the block, then the mode it had (an inference forward of a model
+    in training mode would still checkpoint its blocks)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def inference_forward(
+    model: nn.Module, idx: torch.Tensor, targets: torch.Tensor | None = None, *, recipe: Any = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The one evaluation forward, shared by the training loop's validation, ``mxfp8 eval``
+    (loss, perplexity, bits per byte) and task scoring: eval mode, no grad, under ``recipe``'s
+    autocast (:meth:`mxfp8.layers.recipe.Recipe.autocast`; bf16 when None), so that a
+    checkpoint evaluated later gives the numbers its run saw. ``model`` may be a wrapper (DDP,
+    ``torch.compile``) of a :class:`Transformer`; returns what it returns."""
+    if recipe is None:
+        from mxfp8.layers.recipe import recipe as named
+
+        recipe = named("bf16")
+    with torch.no_grad(), eval_mode(model), recipe.autocast(idx.device.type):
+        return model(idx, targets)

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mxfp8.layers.convert import convert_model, load_scaling_state_dict, scaling_state_dict
-from mxfp8.layers.precision import load_precision_state_dict, precision_state_dict
+from mxfp8.layers.convert import convert_model, scaling_state_dict
+from mxfp8.layers.precision import load_layer_state, precision_state_dict
 from mxfp8.numerics import backends
 from mxfp8.parallel import (
     LOCAL,
@@ -201,9 +201,7 @@ class Session:
             )
         self.schedule.load_state_dict(state["schedule"])
         self.scaler.load_state_dict(state["loss_scaler"])
-        if state.get("scaling") is not None:  # delayed-scaling amax histories
-            load_scaling_state_dict(self.model, state["scaling"])
-        load_precision_state_dict(self.model, state.get("precision") or {})
+        load_layer_state(self.model, state)  # delayed-scaling histories, adaptive switches
         ckpt.set_rng_state(state["rng"])
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         clock = state.get("clock") or {"train_time_s": state.get("train_time_s", 0.0)}
