@@ -16,7 +16,7 @@ from mxfp8.layers.linear import MXLinear
 from mxfp8.layers.precision import load_precision_state_dict, precision_state_dict
 from mxfp8.layers.recipe import recipe
 from mxfp8.stats.adaptive import AdaptiveHook, crossings
-from mxfp8.train import golden
+from mxfp8.train import golden, llama
 from mxfp8.train.config import load_config
 from mxfp8.train.hooks import TrainHook
 from mxfp8.train.loop import train
@@ -111,6 +111,17 @@ def test_an_outlier_layer_is_switched_logged_checkpointed_and_resumed(tmp_path, 
     logged = [m["val_loss"] for m in read_metrics(tmp_path / "full") if m["step"] == 6]
     assert ev["loss"] == logged[0] and ev["precision_switches"] == sorted(by_name)
     assert by_preset["loss"] != logged[0] and by_preset["precision_switches"] == []
+    # an MXFP8 export stores the switched layers in high precision, the others as FP8
+    assert main(["export", str(tmp_path / "full"), "--out", str(tmp_path / "exp"),
+                 "--format", "mxfp8"]) == 0  # fmt: skip
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "exp" / "model.safetensors", "pt") as f:
+        fp8 = {
+            k.removesuffix(".weight") for k in f.keys() if f.get_slice(k).get_dtype() == "F8_E4M3"
+        }
+    assert {llama.hf_name(f"{n}.weight").removesuffix(".weight") for n in by_name} & fp8 == set()
+    assert llama.hf_name("layers.0.feed_forward.w1.weight").removesuffix(".weight") in fp8
     # stopped at step 3 (after the switch), resumed: bit-identical to the uninterrupted run
     part = tmp_path / "part"
     train(_cfg(part, data_cache, **{"run.stop_after": 3}), hooks=[_Outlier()])
