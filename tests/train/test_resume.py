@@ -281,3 +281,67 @@ def test_disk_full_while_checkpointing_keeps_the_previous_one(tmp_path, data_cac
     assert not [p for p in (tmp_path / "run/checkpoints").iterdir() if p.name.startswith(".")]
     monkeypatch.setattr(ckpt, "save_model", real_save)  # space freed: the run continues
     assert main(["train", "--resume", "--no-report", "--out", str(tmp_path / "run")]) == 0
+
+
+ADAPTIVE = {"recipe.name": "mxfp8-adaptive"}
+
+
+@pytest.mark.parametrize(
+    "change, shown",
+    [
+        (
+            {"run.telemetry_every": 5},
+            "run.telemetry_every: 0 (every 25 steps: recipe.adaptive_every) -> 5",
+        ),  # fmt: skip
+        ({"divergence.sigmas": 3.0}, "divergence.sigmas: 6.0 -> 3.0"),
+        ({"divergence.warmup_steps": 2}, "divergence.warmup_steps: 20 -> 2"),
+        ({"divergence.top_layers": 1}, "divergence.top_layers: 5 -> 1"),
+    ],
+)
+def test_adaptive_runs_refuse_what_decides_their_precision_switches(change, shown):
+    """Telemetry cadence and divergence thresholds pick the layers an adaptive recipe
+    switches to bf16: changing them on resume would compute another run (issue 22)."""
+    from mxfp8.train.resume import ResumeError, check_changes
+
+    saved = load_config(None, ADAPTIVE)
+    new = load_config(None, {**ADAPTIVE, **change})
+    assert [c[0] for c in config_changes(saved, new)] == list(change)
+    with pytest.raises(ResumeError) as e:
+        check_changes(saved, new, "RUN")
+    assert shown in str(e.value) and "adaptive" in str(e.value)
+    # the same change on a recipe that is not adaptive observes the run, nothing more
+    plain = {"recipe.name": "mxfp8"}
+    assert config_changes(load_config(None, plain), load_config(None, {**plain, **change})) == []
+
+
+def test_adaptive_telemetry_cadence_is_compared_as_it_runs():
+    """run.telemetry_every = 0 means every recipe.adaptive_every steps: 0 -> 25 is no change,
+    and the recipe's own adaptive thresholds were guarded already (recipe fields)."""
+    saved = load_config(None, ADAPTIVE)
+    assert config_changes(saved, load_config(None, {**ADAPTIVE, "run.telemetry_every": 25})) == []
+    for change, fields in (
+        ({"recipe.adaptive_min_sqnr_db": 25.0}, ["recipe.adaptive_min_sqnr_db"]),
+        ({"recipe.adaptive_on_divergence": False}, ["recipe.adaptive_on_divergence"]),
+        ({"recipe.adaptive_every": 5}, ["recipe.adaptive_every", "run.telemetry_every"]),
+    ):
+        new = load_config(None, {**ADAPTIVE, **change})
+        assert [c[0] for c in config_changes(saved, new)] == fields
+    # with adaptive_on_divergence off, the divergence thresholds only label events again
+    off = {**ADAPTIVE, "recipe.adaptive_on_divergence": False}
+    assert config_changes(load_config(None, off),
+                          load_config(None, {**off, "divergence.sigmas": 3.0})) == []  # fmt: skip
+
+
+def test_resume_of_an_adaptive_run_with_another_telemetry_cadence_is_refused(
+    tmp_path, data_cache, capsys
+):
+    over = small(tmp_path / "run", data_cache, "mxfp8-adaptive",
+                 **{"run.steps": 4, "run.compile_quantize": False})  # fmt: skip
+    assert main(["train", "--no-report", *cli_args(over), "--stop-after", "2"]) == 0
+    before = tree_digest(tmp_path / "run")
+    capsys.readouterr()
+    code = main(["train", "--resume", "--out", str(tmp_path / "run"), "--run.telemetry_every", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "run.telemetry_every: 0 (every 25 steps: recipe.adaptive_every) -> 1" in err, err
+    assert tree_digest(tmp_path / "run") == before

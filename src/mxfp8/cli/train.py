@@ -42,13 +42,15 @@ job: the `tiny` model, the `mxfp8` recipe and the Shakespeare corpus (a few minu
 
 Settings come from the defaults, then --config FILE (TOML, one table per section), then
 --section.field VALUE options. The resolved config is saved as RUN/config.toml, and
-`--resume --out RUN` continues a stopped run (bit-identical to an uninterrupted one)."""
+`--resume --out RUN` continues a stopped run (bit-identical to an uninterrupted one).
+`--resume auto` is one command for every launch of a job (a scheduler's requeue): it starts
+the run when RUN holds none, continues it when RUN holds it, and refuses another run."""
 
 
 def usage(command: str, extra: str = "") -> str:
     """The usage line of a subcommand that takes the run-config options (``extra`` first)."""
     items = [extra, "[--config FILE]", "[--recipe NAME]", "[--model PRESET]",
-             "[--data SOURCE]", "[--steps N]", "[--out DIR]", "[--seed SEED]", "[--resume]",
+             "[--data SOURCE]", "[--steps N]", "[--out DIR]", "[--seed SEED]", "[--resume [auto]]",
              "[--stop-after K]", "[--SECTION.FIELD VALUE ...]"]  # fmt: skip
     head = f"mxfp8 {command} "
     pad = " " * (len("usage: ") + len(head))
@@ -97,7 +99,12 @@ def add_config_options(
     *,
     out_help: str = SHORT_FLAGS["--out"][2],
     recipe_help: str = SHORT_FLAGS["--recipe"][2],
-    resume_help: str = "continue from the latest checkpoint in --out (its config.toml is the base)",
+    resume_help: str = (
+        "continue from the latest checkpoint in --out (its config.toml is the base); "
+        "--resume auto: one command for every launch of a job: start the run when --out holds "
+        "none (or only a start-up crash's leftovers), continue it when --out holds it (the "
+        "command names the whole run), refuse a directory of another run"
+    ),
 ) -> None:
     """Declare ``--config``, ``--resume``, the short flags and every ``--section.field``.
 
@@ -109,7 +116,8 @@ def add_config_options(
 
     helps = {"--out": out_help, "--recipe": recipe_help}
     parser.add_argument("--config", metavar="FILE", help="TOML config file (sections as below)")
-    parser.add_argument("--resume", action="store_true", help=resume_help)
+    parser.add_argument("--resume", nargs="?", const=True, default=False, type=_resume_value,
+                        metavar="auto", help=resume_help)  # fmt: skip
     for flag, (key, metavar, help_text) in SHORT_FLAGS.items():
         parser.add_argument(
             flag,
@@ -130,6 +138,15 @@ def add_config_options(
                 default=argparse.SUPPRESS,
                 help=text.replace("%", "%%"),
             )
+
+
+def _resume_value(text: str) -> str:
+    if text.lower() == "auto":
+        return "auto"
+    raise argparse.ArgumentTypeError(
+        f"expected nothing (continue the run in --out) or 'auto' (start it, or continue it, "
+        f"or refuse another run), got {text!r}"
+    )
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -161,7 +178,9 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
 
     overrides = overrides_from_args(args)
     base = args.config
-    if args.resume:
+    if args.resume == "auto":  # the command line names the whole run, as at its first launch
+        overrides["run.resume"] = "auto"
+    elif args.resume:
         out = overrides.get("run.out")
         if not out:
             raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
@@ -170,7 +189,10 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
             base = saved
             overrides.setdefault("run.stop_after", 0)  # the earlier job's limit is not ours
         overrides["run.resume"] = True
-    return load_config(base, overrides)
+    cfg = load_config(base, overrides)
+    if cfg.run.resume == "auto" and not cfg.run.out:
+        raise ConfigError("--resume auto needs --out RUN_DIR (the run to start or continue)")
+    return cfg
 
 
 def run_config(cfg: TrainConfig, *, report: bool = True) -> int:

@@ -8,7 +8,7 @@ TOML files are generated from these classes. They are re-exported by
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from mxfp8.parallel.env import Backend, ParallelMode, ParamDtype
 from mxfp8.train.fields import ConfigError, opt
@@ -151,7 +151,12 @@ class RunConfig:
     )
     seed: int = opt(0, "seed of the model init and the data order")
     out: str = opt("", "run directory; empty = runs/<recipe>-<timestamp>")
-    resume: bool = opt(False, "continue from the latest checkpoint in `out`")
+    resume: bool | Literal["auto"] = opt(
+        False,
+        "true: continue from the latest checkpoint in `out`; auto: the same command for every "
+        "launch of a job (start the run when `out` holds none, or only a start-up crash's "
+        "leftovers; continue it when `out` holds it; refuse another run)",
+    )
     stop_after: int = opt(0, "end this process after K steps, with a checkpoint (0 = never)")
     log_every: int = opt(5, "write metrics every N steps")
     eval_every: int = opt(40, "validate every N steps and at the end (0 = only at the end)")
@@ -203,6 +208,10 @@ class RunConfig:
                 f"run.activation_checkpointing (expected {{{valid}}})"
             ) from None
         object.__setattr__(self, "activation_checkpointing", mode)
+        if self.resume not in (True, False, "auto") or not isinstance(self.resume, bool | str):
+            raise ConfigError(
+                f"invalid value {self.resume!r} for run.resume (expected true, false or 'auto')"
+            )
         kernels = ("auto", "eager", "inductor", "cpu", "triton")
         if self.quantize_kernel not in kernels:
             raise ConfigError(
