@@ -1,19 +1,24 @@
-"""Kill a tiny training run with SIGKILL at random moments, resume it, and check the result.
+"""Kill a tiny training run with SIGKILL at random moments, requeue it, and check the result.
 
-    python scripts/kill_harness.py --kills 30 [--seed 0] [--steps 24] [--workdir DIR]
+    python scripts/kill_harness.py --kills 30 [--seed 0] [--steps 24] [--startup-share 0.3]
 
-What it proves: whatever moment ``kill -9`` lands (start-up, a step, an evaluation, the
-middle of a checkpoint write), the run directory still holds a loadable latest checkpoint,
-its metrics agree with it, and ``mxfp8 train --resume`` carries the run to the same numbers,
-bit for bit, as a run that was never interrupted.
+What it proves: whatever moment ``kill -9`` lands (start-up, before or after ``config.toml``
+is written, a step, an evaluation, the middle of a checkpoint write), the run directory still
+holds a loadable latest checkpoint, its metrics agree with it, and the job's one command
+line, ``mxfp8 train ... --out RUN --resume auto`` launched again as a scheduler requeues it,
+carries the run to the same numbers, bit for bit, as a run that was never interrupted.
 
-How: one uninterrupted reference run first (its wall time sets the kill window). Then chains:
-a run is started, killed after a random delay, checked, resumed, killed again, ... until the
-kill budget is spent; the chain's last process runs to the end and its metrics and final
-weights are compared with the reference. A kill "lands" when the process was still running.
-Each landed kill is *resumable* when the next process either ran to completion or was itself
-still running when it was killed (it did not fail). Exit status 0 iff every kill was
-resumable, every chain bit-identical and every check after a kill passed.
+How: two uninterrupted reference runs first (the second, on a warm data cache, sets the kill
+window: its wall time, and its start-up, the time until its first metrics row). Then chains:
+the command is launched, killed after a random delay, the directory checked, the same command
+launched again, killed again, ... until the kill budget is spent; the chain's last process
+runs to the end and its metrics and final weights are compared with the reference. Delays are
+drawn from the first instant: uniform over the whole window, or (a ``--startup-share`` of the
+kills) uniform over the start-up alone, so that kills before any checkpoint or config.toml
+exists are many. A kill "lands" when the process was still running. Each landed kill is
+*resumable* when the next process either ran to completion or was itself still running when
+it was killed (it did not fail). Exit status 0 iff every kill was resumable, every chain
+bit-identical and every check after a kill passed.
 """
 
 from __future__ import annotations
@@ -46,6 +51,16 @@ RUN_ARGS = [
 ]  # fmt: skip
 
 
+# where a kill landed (phase_of_kill); the first three are start-up
+PHASES = (
+    "start-up, no config.toml in RUN",  # a chain's first process (or one before it) killed
+    "start-up, before rewriting config.toml",  # a later process, before writing its own
+    "start-up, config.toml written",  # before the process's first metrics row
+    "step",
+    "checkpoint",
+)
+
+
 @dataclass
 class Tally:
     landed: int = 0
@@ -54,6 +69,10 @@ class Tally:
     chains: int = 0
     identical: int = 0
     phases: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def startup(self) -> int:
+        return sum(self.phases.get(p, 0) for p in PHASES[:3])
 
     def ok(self, wanted: int) -> bool:
         return (
@@ -71,10 +90,11 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _command(out: Path, cache: Path, steps: int, resume: bool) -> list[str]:
+def _command(out: Path, cache: Path, steps: int) -> list[str]:
+    """The job's one command line: every launch of a chain runs it unchanged."""
     cmd = [sys.executable, "-m", "mxfp8.cli.main", "train", "--no-report", *RUN_ARGS]
-    cmd += ["--steps", str(steps), "--out", str(out), "--data.cache_dir", str(cache)]
-    return [*cmd, "--resume"] if resume else cmd
+    return [*cmd, "--steps", str(steps), "--out", str(out), "--data.cache_dir", str(cache),
+            "--resume", "auto"]  # fmt: skip
 
 
 def _exact_rows(run_dir: Path) -> dict[int, dict]:
@@ -92,15 +112,44 @@ def _final_weights(run_dir: Path, steps: int):
     return load_file(str(run_dir / "checkpoints" / step_dir_name(steps) / "model.safetensors"))
 
 
-def phase_of_kill(run_dir: Path) -> str:
-    """Where the kill landed, judged from what it left: before the first metrics row
-    (start-up), with a checkpoint being written or replaced (checkpoint), or else (step)."""
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _leftovers(run_dir: Path) -> frozenset[str]:
+    """Checkpoint directories being written, replaced or deleted (by a live or dead process)."""
     root = run_dir / "checkpoints"
-    if root.is_dir() and any(
-        p.name.startswith((".tmp-", ".old-", ".del-")) for p in root.iterdir()
-    ):
+    if not root.is_dir():
+        return frozenset()
+    return frozenset(
+        p.name for p in root.iterdir() if p.name.startswith((".tmp-", ".old-", ".del-"))
+    )
+
+
+def snapshot(run_dir: Path) -> dict[str, object]:
+    """What a process finds at its launch (to tell what it wrote before it was killed)."""
+    got: dict[str, object] = {n: _stamp(run_dir / n) for n in ("config.toml", "metrics.jsonl")}
+    return {**got, "leftovers": _leftovers(run_dir)}
+
+
+def phase_of_kill(run_dir: Path, before: dict[str, object]) -> str:
+    """Where the kill landed, judged from what the killed process left (``before``: the
+    directory at its launch): a checkpoint of its own being written or replaced (checkpoint);
+    no metrics row of its own yet (start-up: RUN holding no config.toml at all, or the one
+    an earlier process wrote, or its own: every launch writes it by an atomic rename);
+    else (step)."""
+    now = snapshot(run_dir)
+    if now["leftovers"] - before["leftovers"]:
         return "checkpoint"
-    return "step" if (run_dir / "metrics.jsonl").is_file() else "start-up"
+    if now["metrics.jsonl"] != before["metrics.jsonl"]:
+        return "step"
+    if now["config.toml"] is None:
+        return PHASES[0]
+    return PHASES[1] if now["config.toml"] == before["config.toml"] else PHASES[2]
 
 
 def check_after_kill(run_dir: Path, reference: dict[int, dict]) -> str | None:
@@ -123,20 +172,41 @@ def check_after_kill(run_dir: Path, reference: dict[int, dict]) -> str | None:
     return f"metrics rows {bad} differ from the reference" if bad else None
 
 
-def run_harness(kills: int, seed: int, steps: int, workdir: Path, say=print) -> Tally:
+def _tail(err: bytes) -> str:
+    return err.decode(errors="replace").strip()[-300:]
+
+
+def _first_row_after(cmd: list[str], run_dir: Path) -> tuple[float, float]:
+    """Run ``cmd`` to its end: (seconds until its first metrics row, seconds in all)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    first = None
+    while proc.poll() is None:
+        if first is None and (run_dir / "metrics.jsonl").is_file():
+            first = time.perf_counter() - t0
+        time.sleep(0.02)
+    total = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"the reference run failed (exit {proc.returncode})")
+    return first if first is not None else total, total
+
+
+def run_harness(kills: int, seed: int, steps: int, workdir: Path, say=print,
+                startup_share: float = 0.3) -> Tally:  # fmt: skip
     rng = random.Random(seed)
     cache = workdir / "cache"
     ref_dir = workdir / "reference"
     t0 = time.perf_counter()
-    subprocess.run(_command(ref_dir, cache, steps, False), env=_env(), check=True,
+    subprocess.run(_command(ref_dir, cache, steps), env=_env(), check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     # the second reference process meets a warm data cache, as every later process does
     ref_dir2 = workdir / "reference2"
-    t1 = time.perf_counter()
-    subprocess.run(_command(ref_dir2, cache, steps, False), env=_env(), check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    window = time.perf_counter() - t1
-    say(f"reference runs: {t1 - t0:.1f} s cold, {window:.1f} s warm; kill window {window:.1f} s")
+    cold = time.perf_counter() - t0
+    startup, window = _first_row_after(_command(ref_dir2, cache, steps), ref_dir2)
+    say(f"reference runs: {cold:.1f} s cold, {window:.1f} s warm (first metrics row after "
+        f"{startup:.1f} s); kills drawn over [0, {window:.1f}] s, or over [0, {startup:.1f}] s "
+        f"for a share of {startup_share:.0%}")  # fmt: skip
     reference = _exact_rows(ref_dir)
     if _exact_rows(ref_dir2) != reference:
         raise SystemExit("two uninterrupted runs differ: the environment is not deterministic")
@@ -146,14 +216,16 @@ def run_harness(kills: int, seed: int, steps: int, workdir: Path, say=print) -> 
     while tally.landed < kills:
         tally.chains += 1
         run_dir = workdir / f"chain{tally.chains:03d}"
-        resume = after_kill = False
+        after_kill = False
         while True:
-            proc = subprocess.Popen(_command(run_dir, cache, steps, resume), env=_env(),
+            before = snapshot(run_dir)
+            proc = subprocess.Popen(_command(run_dir, cache, steps), env=_env(),
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
             if tally.landed >= kills:  # budget spent: let this one finish
                 delay = None
             else:
-                delay = rng.uniform(0.0, window)
+                span = startup if rng.random() < startup_share else window
+                delay = rng.uniform(0.0, span)
             try:
                 _, err = proc.communicate(timeout=delay)
                 landed = False
@@ -166,24 +238,22 @@ def run_harness(kills: int, seed: int, steps: int, workdir: Path, say=print) -> 
                 tally.resumable += 0 if failed else 1
                 if failed:
                     tally.checks_failed.append(
-                        f"{run_dir.name}: resume failed ({proc.returncode}): "
-                        f"{err.decode(errors='replace').strip()[-300:]}"
+                        f"{run_dir.name}: resume failed ({proc.returncode}): {_tail(err)}"
                     )
                     break
             if landed:
                 tally.landed += 1
-                phase = phase_of_kill(run_dir)  # before the check: it cleans up leftovers
+                phase = phase_of_kill(run_dir, before)  # before the check: it cleans up
                 tally.phases[phase] = tally.phases.get(phase, 0) + 1
                 problem = check_after_kill(run_dir, reference)
                 if problem:
                     tally.checks_failed.append(f"{run_dir.name} kill {tally.landed}: {problem}")
                 say(f"kill {tally.landed:3d} after {delay:5.2f} s ({phase}) in {run_dir.name}: "
                     f"{problem or 'consistent'}")  # fmt: skip
-                # what a requeued job does: resume when the run got far enough to be one
-                resume, after_kill = (run_dir / "config.toml").is_file(), True
+                after_kill = True  # the requeue: the same command again
                 continue
             if proc.returncode != 0:
-                tally.checks_failed.append(f"{run_dir.name}: exit {proc.returncode}")
+                tally.checks_failed.append(f"{run_dir.name}: exit {proc.returncode}: {_tail(err)}")
                 break
             same = _exact_rows(run_dir) == reference
             weights = _final_weights(run_dir, steps)
@@ -203,25 +273,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kills", type=int, default=30, help="kills that must land (30)")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     p.add_argument("--steps", type=int, default=24, help="steps of the tiny run (24)")
+    p.add_argument("--startup-share", type=float, default=0.3,
+                   help="share of the kills drawn within the start-up alone (0.3)")  # fmt: skip
     p.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="mxfp8-kill-") as tmp:
         workdir = args.workdir or Path(tmp)
         t0 = time.perf_counter()
-        tally = run_harness(args.kills, args.seed, args.steps, workdir)
+        tally = run_harness(args.kills, args.seed, args.steps, workdir,
+                            startup_share=args.startup_share)  # fmt: skip
         result = {
             "kills_landed": tally.landed,
             "resumable": tally.resumable,
             "chains": tally.chains,
             "bit_identical_chains": tally.identical,
+            "kills_during_start_up": tally.startup,
             "kills_by_phase": tally.phases,
             "failed_checks": tally.checks_failed,
             "seconds": round(time.perf_counter() - t0, 1),
         }
         print(json.dumps(result, indent=2))
         pct = 100.0 * tally.resumable / max(tally.landed, 1)
-        print(f"{tally.landed} kills, {pct:.0f} % resumable, {tally.identical}/{tally.chains} "
-              "chains bit-identical to the uninterrupted run")  # fmt: skip
+        print(f"{tally.landed} kills ({tally.startup} during start-up), {pct:.0f} % "
+              f"resumable, {tally.identical}/{tally.chains} chains bit-identical to the "
+              "uninterrupted run")  # fmt: skip
         return 0 if tally.ok(args.kills) else 1
 
 
