@@ -21,9 +21,9 @@ FLOORS = {
     "parallel": 3,  # beside train, below it: train drives the parallel set-up
     "train": 4,
     "interop": 5,  # export / import / evaluation / generation of trained models
-    "report": 5,
-    "compare": 6,
-    "cli": 7,
+    "report": 6,  # reads what training and evaluation wrote (eval.json's entries: interop)
+    "compare": 7,
+    "cli": 8,
 }
 ENTRY = {"__init__", "__main__"}  # the lazy public names and ``python -m mxfp8``
 
