@@ -139,21 +139,71 @@ def _full_params_digest(model) -> float:
     return total
 
 
+class RecordRows:
+    """Records the token rows this rank trains and evaluates on: every micro-batch the step
+    draws (``mxfp8.train.step.micro_batch``, what the forward receives) and the session's
+    validation batches. ``rows()``: ``{"train": [[step, micro, x], ...], "val": [x, ...]}``."""
+
+    def __init__(self) -> None:
+        from mxfp8.train import session, step
+
+        self.step_mod, self.session_mod = step, session
+        self.original = (step.micro_batch, session.build)
+        self.train: list = []
+        self.val: list = []
+
+    def __enter__(self) -> RecordRows:
+        micro_batch, build = self.original
+
+        def record_micro_batch(s, step, micro):
+            x, y = micro_batch(s, step, micro)
+            self.train.append([step, micro, x.tolist()])
+            return x, y
+
+        def record_build(*args, **kw):
+            s = build(*args, **kw)
+            self.val = [x.tolist() for x, _ in s.val_batches]
+            return s
+
+        self.step_mod.micro_batch = record_micro_batch
+        self.session_mod.build = record_build
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.step_mod.micro_batch, self.session_mod.build = self.original
+
+    def rows(self) -> dict:
+        return {"train": self.train, "val": self.val}
+
+
+def full_params(model) -> dict[str, torch.Tensor]:
+    """Every parameter in full (gathered from the shards under FSDP2), fp32, on CPU."""
+    out = {}
+    for name, p in model.named_parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        out[name] = full.detach().float().cpu().clone()
+    return out
+
+
 def train_and_report(out: Path, cache: str, hooks=(), **overrides) -> None:
     """Train the tiny config (``overrides`` as ``section.field=value`` pairs) and write what
-    this rank ended with."""
+    this rank ended with: rankR.json (losses, skips, the rows it saw...) and rankR.pt (the
+    full parameters before the first step and after the last)."""
     cfg = tiny_config(out / "run", cache, **overrides)
     seen: dict = {}
 
     class Keep(TrainHook):
         def on_train_start(self, ctx) -> None:
             seen["model"] = ctx.model
+            seen["start"] = full_params(ctx.model)  # the weights before the first step
 
         def on_step_end(self, step, metrics) -> None:
             seen.setdefault("skips", []).append(bool(metrics.get("nonfinite")))
             seen.setdefault("losses", []).append(metrics["loss"])
+            seen.setdefault("grad_norms", []).append(metrics["grad_norm"])
 
-    result = train(cfg, hooks=[*hooks, Keep()])
+    with RecordRows() as rows:
+        result = train(cfg, hooks=[*hooks, Keep()])
     model = seen["model"]
     scaling = scaling_state_dict(model)
     rank = DistEnv.from_environ().rank
@@ -162,9 +212,12 @@ def train_and_report(out: Path, cache: str, hooks=(), **overrides) -> None:
         "skipped_steps": result.skipped_steps,
         "skips": seen["skips"],
         "losses": seen["losses"],
+        "grad_norms": seen["grad_norms"],
         "digest": _full_params_digest(model),
         "scaling": _plain(scaling),
+        "rows": rows.rows(),
     }
+    torch.save({"start": seen["start"], "end": full_params(model)}, out / f"rank{rank}.pt")
     (out / f"rank{rank}.json").write_text(json.dumps(report))
 
 
