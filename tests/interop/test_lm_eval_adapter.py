@@ -59,7 +59,9 @@ def test_lm_eval_scores_equal_mxfp8_eval(tmp_path, data_cache, monkeypatch, caps
     ours_json = tmp_path / "ours.json"
     assert main(["eval", str(run), "--no-lm", "--tasks", str(data), "--out", str(ours_json)]) == 0
     ours = json.loads(ours_json.read_text())["evaluations"][0]["tasks"]["items"]
-    model = MXFP8LM(path=str(run))
+    # one request per forward, here and below: under bf16 autocast a score moves by ~4e-4
+    # with the padding of the batch it shares (measured), which is not what this compares
+    model = MXFP8LM(path=str(run), batch_size=1)
     results = simple_evaluate(
         model=model,
         tasks=["mxfp8_local_mc"],
@@ -93,12 +95,10 @@ def test_lm_eval_scores_equal_mxfp8_eval(tmp_path, data_cache, monkeypatch, caps
     tok = model.loaded.tokenizer
     for sample in results["samples"]["mxfp8_local_mc"]:
         item = items[sample["doc_id"]]
-        want = mc.loglikelihoods(model.loaded.model, [mc.encode_pair(tok, item["context"], " " + c)
-                                                      for c in item["choices"]])  # fmt: skip
+        pairs = [mc.encode_pair(tok, item["context"], " " + c) for c in item["choices"]]
         # acc_mutual_info: each choice again after the empty context (the separator)
-        want += mc.loglikelihoods(model.loaded.model, [mc.encode_pair(tok, "", " " + c,
-                                                                      mc.eot_id(tok))
-                                                       for c in item["choices"]])  # fmt: skip
+        pairs += [mc.encode_pair(tok, "", " " + c, mc.eot_id(tok)) for c in item["choices"]]
+        want = [mc.loglikelihoods(model.loaded.model, [p])[0] for p in pairs]
         got = [float(r[0]) for r in sample["filtered_resps"]]
         assert got == pytest.approx([w for w, _ in want], abs=1e-5)
 
@@ -128,7 +128,7 @@ def test_rolling_loglikelihood_predicts_each_token_once(tmp_path, data_cache):
     # chunks of `limit` predictions, each window as long as fits, every token scored once
     seq = [lm.eot, *ids]
     want, scored = 0.0, 0
-    with torch.no_grad():
+    with torch.no_grad(), lm.loaded.run_recipe.autocast("cpu"):  # the run's own forward
         for start in range(0, len(ids), limit):
             end = min(start + limit, len(ids))
             window = torch.tensor([seq[max(0, end - limit) : end + 1]])
@@ -146,3 +146,114 @@ def test_rolling_loglikelihood_predicts_each_token_once(tmp_path, data_cache):
     assert s == pytest.approx(pair[0], abs=1e-4)  # one window: the document separator, then it
     (out,) = lm.generate_until([_Req("ROMEO:", {"until": ["\n\n"], "max_gen_toks": 8})])
     assert isinstance(out, str) and "\n\n" not in out
+
+
+# --- not circular: lm-eval's own Hugging Face model on the exported run ---------------------
+
+# the last context is longer than the model's 256 positions: both sides cut it on the left
+LONG = "All the world's a stage, and all the men and women merely players. " * 12
+HF_ITEMS = [
+    {"context": "ROMEO:", "choices": ["But soft, what light", "zz qq xx", "the the the"],
+     "label": 0},
+    {"context": "First Citizen:\nBefore we proceed any further, hear me ",  # trailing space
+     "choices": ["speak.", "elephant", "All:"], "label": 0},
+    {"context": "To be, or not to be, that is the", "choices": ["question", "answer"],
+     "label": 0},
+    {"context": "KING RICHARD III:\nNow is the winter of our", "choices": ["discontent",
+     "summer", "content made glorious"], "label": 1},
+    {"context": LONG + "They have their", "choices": ["exits", "entrances"], "label": 0},
+]  # fmt: skip
+
+
+def test_lm_eval_hf_model_on_the_export_scores_as_mxfp8_eval(tmp_path, data_cache, monkeypatch):
+    """A run trained in fp32 (no autocast) is exported to a transformers directory (fp32) and
+    scored by lm-eval's own ``hf`` model (HFLM: transformers' Llama, lm-eval's tokenization,
+    prefix token, truncation and scoring), offline, on a local task; ``mxfp8 eval --tasks``
+    scores the run itself. acc, acc_norm, acc_mutual_info and every request's log-likelihood
+    (the unconditional ones after the document separator included) agree within 1e-4
+    (measured: 7.6e-6 at most), and so do the token ids of every request. Nothing of the
+    adapter is involved."""
+    import datasets
+    import huggingface_hub
+    import torch
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from mxfp8.cli.main import main
+    from mxfp8.interop import tasks as mc
+    from mxfp8.interop.source import open_model
+    from mxfp8.train.tokenizer import eot_id
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+    # read at import time: set where the libraries look, whatever imported them first
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    run, hf_dir = tmp_path / "run", tmp_path / "hf"
+    over = {**golden.OVERRIDES, "data.cache_dir": str(data_cache), "recipe.name": "fp32",
+            "run.out": str(run), "run.steps": 6, "run.eval_every": 0}  # fmt: skip
+    train(load_config(None, over))
+    assert main(["export", str(run), "--format", "hf", "--dtype", "fp32", "--out",
+                 str(hf_dir)]) == 0  # fmt: skip
+    data = tmp_path / "items.jsonl"
+    data.write_text("\n".join(json.dumps(i) for i in HF_ITEMS) + "\n")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "local.yaml").write_text(TASK_YAML.format(data=data))
+
+    # ours: `mxfp8 eval --tasks` on the run, every request it scores recorded on the way
+    scored: dict[tuple, tuple[float, bool]] = {}
+    original = mc.loglikelihoods
+
+    def spy(model, requests, *args, **kw):
+        out = original(model, requests, *args, **kw)
+        scored.update({(tuple(c), tuple(k)): r for (c, k), r in zip(requests, out, strict=True)})
+        return out
+
+    monkeypatch.setattr(mc, "loglikelihoods", spy)
+    ours_json = tmp_path / "ours.json"
+    assert main(["eval", str(run), "--no-lm", "--tasks", str(data), "--out", str(ours_json)]) == 0
+    ours = json.loads(ours_json.read_text())["evaluations"][0]["tasks"]["items"]
+    monkeypatch.setattr(mc, "loglikelihoods", original)
+
+    # theirs: lm-eval's HFLM loads the exported directory (model and tokenizer) itself
+    lm = HFLM(pretrained=str(hf_dir), tokenizer=str(hf_dir), device="cpu", dtype="float32",
+              batch_size=4)  # fmt: skip
+    assert next(lm.model.parameters()).dtype == torch.float32
+    results = simple_evaluate(model=lm, tasks=["mxfp8_local_mc"], num_fewshot=0,
+                              task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+                              log_samples=True)  # fmt: skip
+    theirs = results["results"]["mxfp8_local_mc"]
+    assert ours["items"] == len(HF_ITEMS)
+    for metric in ("acc", "acc_norm", "acc_mutual_info"):
+        assert theirs[f"{metric},none"] == pytest.approx(ours[metric], abs=1e-4), metric
+        assert theirs[f"{metric}_stderr,none"] == pytest.approx(ours[f"{metric}_stderr"],
+                                                                abs=1e-4)  # fmt: skip
+
+    # the document separator: lm-eval's prefix token for an empty context is the
+    # tokenizer's BOS, which the export declares as the end-of-text token, our prefix
+    our_tok = open_model(run).tokenizer
+    eot = eot_id(our_tok)
+    assert lm.prefix_token_id == lm.tokenizer.bos_token_id == eot
+    assert lm.max_length == 256  # the model's positions: where both sides truncate
+    worst, n_requests = 0.0, 0
+    for sample in results["samples"]["mxfp8_local_mc"]:
+        item = HF_ITEMS[sample["doc_id"]]
+        n_choices = len(item["choices"])
+        assert len(sample["arguments"]) == 2 * n_choices  # conditional, then unconditional
+        for (ctx, cont), resp in zip(sample["arguments"], sample["resps"], strict=True):
+            ll, greedy = float(resp[0][0]), bool(resp[0][1])
+            # the token ids lm-eval scores (its own split and prefix) are ours
+            if ctx == "":
+                theirs_ids = ([lm.prefix_token_id], lm.tok_encode(cont, add_special_tokens=False))
+            else:
+                theirs_ids = lm._encode_pair(ctx, cont)
+            key = tuple(map(tuple, mc.encode_pair(our_tok, ctx, cont, eot)))
+            assert tuple(map(tuple, theirs_ids)) == key, (ctx[-40:], cont)
+            want_ll, want_greedy = scored[key]
+            assert ll == pytest.approx(want_ll, abs=1e-4), (ctx[-40:], cont)
+            assert greedy == want_greedy, (ctx[-40:], cont)
+            worst = max(worst, abs(ll - want_ll))
+            n_requests += 1
+    assert n_requests == 2 * sum(len(i["choices"]) for i in HF_ITEMS)
+    assert worst < 1e-4
