@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test test-slow demo bench lint clean
+.PHONY: install test test-slow demo bench lint clean wheel-check
 
 # torch is pinned and installed first, so that resolving the project's own dependencies never
 # pulls another torch. Which build the pin gets (CPU or CUDA) is the pip configuration's
@@ -29,6 +29,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
+
+# the wheel alone, in a fresh virtual environment (scripts/wheel_check.sh); .ci/run calls it
+wheel-check: $(STAMP)
+	TORCH_SPEC="$(TORCH_SPEC)" scripts/wheel_check.sh $(BIN)/python $(PIP_TORCH_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/mxfp8 demo
