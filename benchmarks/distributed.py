@@ -52,7 +52,7 @@ def _local_bytes(tensors) -> int:
 
 def child(args: argparse.Namespace) -> None:
     """One rank of one job: build, warm up, time, measure; rank 0 prints the result."""
-    from mxfp8.train.config import load_config
+    from mxfp8.config.train_config import load_config
     from mxfp8.train.session import build
     from mxfp8.train.step import run_step
 
@@ -130,7 +130,7 @@ def main() -> None:
           f"ffn {args.ffn}; global batch {args.batch} x {args.seq} tokens")  # fmt: skip
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as cache:
-        from mxfp8.train.data import DataConfig, prepare_data  # once, before the jobs
+        from mxfp8.data.prepare import DataConfig, prepare_data  # once, before the jobs
 
         prepare_data(DataConfig(source="shakespeare", vocab_size=4096, cache_dir=cache))
         keys = ("mode", "recipe", "d_model", "layers", "ffn", "heads", "kv_heads", "batch",

@@ -146,7 +146,8 @@ def check_train_step(dry: bool, device: str) -> dict[str, Any]:
     from mxfp8 import recipe
     from mxfp8.layers.convert import convert_model
     from mxfp8.layers.step import step_window
-    from mxfp8.train.model import Transformer, model_config
+    from mxfp8.model.config import model_config
+    from mxfp8.model.transformer import Transformer
 
     presets = {"tiny": dict(d_model=64, n_layers=1, n_heads=2, n_kv_heads=1, ffn_hidden=128,
                             vocab_size=256)} if dry else {"350m": {}, "1b": {}}  # fmt: skip
@@ -186,7 +187,7 @@ def check_train_step(dry: bool, device: str) -> dict[str, Any]:
 
 
 def check_run(dry: bool, device: str) -> dict[str, Any]:
-    from mxfp8.train.config import load_config
+    from mxfp8.config.train_config import load_config
     from mxfp8.train.loop import train
 
     out: dict[str, Any] = {}

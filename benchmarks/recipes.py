@@ -35,7 +35,8 @@ from mxfp8.layers.convert import convert_model
 from mxfp8.layers.linear import MXLinear
 from mxfp8.layers.recipe import list_recipes, recipe
 from mxfp8.layers.step import step_window
-from mxfp8.train.model import Transformer, model_config
+from mxfp8.model.config import model_config
+from mxfp8.model.transformer import Transformer
 
 S = 512
 

@@ -19,8 +19,9 @@ import torch
 
 from mxfp8.layers.convert import convert_model
 from mxfp8.layers.recipe import recipe
+from mxfp8.model.config import model_config
+from mxfp8.model.transformer import Transformer
 from mxfp8.stats.telemetry import TelemetryCollector
-from mxfp8.train.model import Transformer, model_config
 
 
 def main() -> None:

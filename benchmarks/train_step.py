@@ -20,7 +20,8 @@ import torch
 from mxfp8.layers.convert import convert_model
 from mxfp8.layers.recipe import recipe
 from mxfp8.layers.step import step_window
-from mxfp8.train.model import Transformer, model_config
+from mxfp8.model.config import model_config
+from mxfp8.model.transformer import Transformer
 
 MODES_HELP = (
     "eager: no torch.compile; qcompiled: only the MX quantizers compiled (what `mxfp8 train` "

@@ -28,11 +28,11 @@ from mxfp8.report.stats import mean, paired_gaps, sample_std, t_interval, verdic
 def full_split_losses(cmp: Path) -> tuple[dict[str, dict[int, float]], list[str]]:
     """(recipe -> seed -> whole-split loss of the run's final checkpoint, the runs left out
     with the reason), over the completed seed runs of the comparison ``cmp``."""
+    from mxfp8.checkpoint.write import CHECKPOINT_DIR, step_dir_name
+    from mxfp8.config.train_config import load_config
     from mxfp8.report.eval_entries import run_split, whole_split_loss
     from mxfp8.report.loader import load_runs
     from mxfp8.report.stats import is_complete
-    from mxfp8.train.checkpoint import CHECKPOINT_DIR, step_dir_name
-    from mxfp8.train.config import load_config
 
     out: dict[str, dict[int, float]] = {}
     missing: list[str] = []

@@ -107,7 +107,7 @@ def _exact_rows(run_dir: Path) -> dict[int, dict]:
 def _final_weights(run_dir: Path, steps: int):
     from safetensors.torch import load_file
 
-    from mxfp8.train.checkpoint import step_dir_name
+    from mxfp8.checkpoint.write import step_dir_name
 
     return load_file(str(run_dir / "checkpoints" / step_dir_name(steps) / "model.safetensors"))
 
@@ -154,8 +154,8 @@ def phase_of_kill(run_dir: Path, before: dict[str, object]) -> str:
 
 def check_after_kill(run_dir: Path, reference: dict[int, dict]) -> str | None:
     """None when the killed run's directory is consistent; else what is wrong."""
-    from mxfp8.train import checkpoint as ckpt
-    from mxfp8.train.resume import step_of
+    from mxfp8 import checkpoint as ckpt
+    from mxfp8.checkpoint.resume import step_of
 
     if not (run_dir / "config.toml").is_file():  # killed during start-up: nothing to resume
         left = (run_dir / "metrics.jsonl").exists() or ckpt.list_checkpoints(run_dir)

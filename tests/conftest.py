@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
-from mxfp8.train.data import DataConfig, prepare_data  # noqa: E402
+from mxfp8.data.prepare import DataConfig, prepare_data  # noqa: E402
 from mxfp8.train.golden import torch_threads  # noqa: E402
 
 settings.register_profile("mxfp8", database=None, deadline=None)

@@ -16,9 +16,9 @@ import pytest
 
 from mxfp8.cli import main as cli_main
 from mxfp8.cli.main import main
+from mxfp8.config.fields import ConfigError
+from mxfp8.data.sources import DataError
 from mxfp8.errors import USER_ERRORS, UserError, is_user_error, user_message
-from mxfp8.train.config import ConfigError
-from mxfp8.train.data import DataError
 
 TINY = [
     "--steps", "1", "--run.batch_size", "2", "--run.seq_len", "16", "--model.n_layers", "1",
@@ -281,7 +281,7 @@ def test_the_user_error_types():
 
 
 def test_mx_recipe_with_dims_not_multiple_of_the_block_warns(tmp_path, capsys):
-    from mxfp8.train.data import DataConfig, prepare_data
+    from mxfp8.data.prepare import DataConfig, prepare_data
 
     cache = tmp_path / "cache"
     prepare_data(DataConfig(source="shakespeare", vocab_size=300, cache_dir=str(cache)))

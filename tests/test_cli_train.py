@@ -7,7 +7,7 @@ import random
 import pytest
 
 from mxfp8.cli.main import main
-from mxfp8.train.config import config_keys
+from mxfp8.config.train_config import config_keys
 from mxfp8.train.runlog import TIMING_KEYS, read_metrics
 
 

@@ -9,8 +9,8 @@ import pytest
 
 from mxfp8.cli.main import main
 from mxfp8.compare import default_telemetry_every
-from mxfp8.train.config import load_config
-from mxfp8.train.data import DataConfig, prepare_data
+from mxfp8.config.train_config import load_config
+from mxfp8.data.prepare import DataConfig, prepare_data
 from mxfp8.train.golden import torch_threads
 
 SMALL = [

@@ -29,7 +29,7 @@ def test_quantize_on_cuda_equals_the_cpu_reference(kernel, dim):
 
 
 def test_a_tiny_run_trains_checkpoints_and_resumes_on_cuda(tmp_path, data_cache):
-    from mxfp8.train.config import load_config
+    from mxfp8.config.train_config import load_config
     from mxfp8.train.loop import train
 
     over = {"data.source": "shakespeare", "data.vocab_size": 512,

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mxfp8.train.config import load_config
+from mxfp8.config.train_config import load_config
 from mxfp8.train.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -43,7 +43,7 @@ _EXPORTS: dict[str, str] = {
     "convert_model": "mxfp8.layers.convert",
     "step_window": "mxfp8.layers.step",
     # trained models
-    "load_pretrained": "mxfp8.train.pretrained",
+    "load_pretrained": "mxfp8.model.pretrained",
 }
 
 __all__ = [  # the names of _EXPORTS, spelled out for tools that read __all__ statically
@@ -87,8 +87,8 @@ if TYPE_CHECKING:  # static type checkers see the real names
     from mxfp8.layers.linear import MXLinear
     from mxfp8.layers.recipe import Recipe, list_recipes, recipe
     from mxfp8.layers.step import step_window
+    from mxfp8.model.pretrained import load_pretrained
     from mxfp8.numerics.formats import E4M3, E5M2, ElemFormat, ScaleRule
     from mxfp8.numerics.quantize import dequantize, fake_quantize, quantize
     from mxfp8.numerics.tensor import MXTensor
     from mxfp8.numerics.tensorwise import DelayedScaling, TensorwiseFP8, quantize_tensorwise
-    from mxfp8.train.pretrained import load_pretrained

@@ -16,11 +16,11 @@ directory of the other layout (a single-seed run where seeds are asked for, or t
 an error.
 
 Then ``OUT/comparison.json`` (the recipe order; with seeds, also the seeds and the statistics
-over them: :func:`mxfp8.report.stats.stats_json`) and ``OUT/report.html`` are written. With
-``eval_tasks`` (``mxfp8 compare --eval-tasks cloze``), each completed run's final checkpoint is
-first scored on those multiple-choice tasks under its recipe, zero-shot, on every item
-(``RUN/eval.json``; a run already scored so on them at that checkpoint is not scored again:
-:func:`_scored_already`), and the report and the summary table show the scores. With
+over them: :func:`mxfp8.report.comparison_stats.stats_json`) and ``OUT/report.html`` are
+written. With ``eval_tasks`` (``mxfp8 compare --eval-tasks cloze``), each completed run's final
+checkpoint is first scored on those multiple-choice tasks under its recipe, zero-shot, on every
+item (``RUN/eval.json``; a run already scored so on them at that checkpoint is not scored
+again: :func:`_scored_already`), and the report and the summary table show the scores. With
 ``margin`` (``--margin PCT``, with seeds), ``comparison.json`` also holds each recipe's
 equivalence to bf16 within +-PCT % (:mod:`mxfp8.report.equivalence`), and so does the report.
 """
@@ -36,7 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mxfp8.checkpoint.resume import config_changes, describe_changes
+from mxfp8.config.fields import ConfigError
+from mxfp8.config.train_config import TrainConfig, load_config
 from mxfp8.fileio import write_text_atomically
+from mxfp8.report.comparison_stats import stats_json
 from mxfp8.report.equivalence import check_margin
 from mxfp8.report.eval_entries import (
     COMPARE_NUM_FEWSHOT,
@@ -55,10 +59,7 @@ from mxfp8.report.loader import (
     seed_dir_name,
     seed_runs,
 )
-from mxfp8.report.stats import stats_json
-from mxfp8.train.config import ConfigError, TrainConfig, load_config
 from mxfp8.train.loop import RUN_FILES
-from mxfp8.train.resume import config_changes, describe_changes
 
 DEFAULT_RECIPES = ("bf16", "mxfp8")
 # named sets for `--recipes`: the default pair; the paper's ablations (its failing floor rule
@@ -120,7 +121,7 @@ class CompareResult:
 
 
 def _state(run_dir: Path, cfg: TrainConfig) -> str:
-    from mxfp8.train.checkpoint import latest_intact_checkpoint
+    from mxfp8.checkpoint.write import latest_intact_checkpoint
 
     saved = run_dir / "config.toml"
     if saved.is_file():
@@ -343,10 +344,10 @@ def _scored_already(run_dir: Path, specs: str, known: Sequence[dict[str, Any]]) 
     (no ``--limit`` cut it short). Each task may come from another entry. The model is never
     loaded: the tasks are built from the split to count their items (only when some entry
     names the checkpoint)."""
+    from mxfp8.checkpoint.find import find_checkpoint
+    from mxfp8.checkpoint.manifest import CONFIG_FILE, MANIFEST_FILE
+    from mxfp8.data.prepare import prepare_data
     from mxfp8.interop import tasks as mc
-    from mxfp8.train.checkpoint_load import find_checkpoint
-    from mxfp8.train.data import prepare_data
-    from mxfp8.train.manifest import CONFIG_FILE, MANIFEST_FILE
 
     if not known:
         return False

@@ -23,7 +23,7 @@ class UserError(ValueError):
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    UserError,  # mxfp8.train.fields.ConfigError and the data errors derive from it
+    UserError,  # mxfp8.config.fields.ConfigError and the data errors derive from it
     FileNotFoundError,
     FileExistsError,  # e.g. --out that already holds another run
     NotADirectoryError,

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from mxfp8.cli.main import main
+from mxfp8.config.train_config import load_config
+from mxfp8.data.prepare import prepare_data
 from mxfp8.interop.evaluate import evaluate_lm
+from mxfp8.model.config import model_config
+from mxfp8.model.transformer import Transformer
 from mxfp8.train import golden
-from mxfp8.train.config import load_config
-from mxfp8.train.data import prepare_data
 from mxfp8.train.loop import train
-from mxfp8.train.model import Transformer, model_config
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +101,8 @@ def test_eval_on_another_corpus_uses_the_models_tokenizer(run_dir, tmp_path, cap
     assert e["data"] == f"{corpus} (validation split)" and e["tokens"] == 1024
     # the same numbers from the corpus prepared explicitly with the run's tokenizer (a BPE
     # trained on this corpus instead would give other ids, hence another loss)
+    from mxfp8.data.prepare import DataConfig
     from mxfp8.interop.source import open_model
-    from mxfp8.train.data import DataConfig
 
     loaded = open_model(run_dir)
     data = prepare_data(DataConfig(source=str(corpus), tokenizer=str(loaded.tokenizer_path),

@@ -12,15 +12,16 @@ import torch
 import transformers
 from safetensors import safe_open
 
+from mxfp8.checkpoint.find import find_checkpoint
+from mxfp8.config.train_config import load_config
 from mxfp8.errors import UserError
 from mxfp8.interop.export import export, mx_weight, read_source
 from mxfp8.interop.generate import generate
+from mxfp8.model import llama
+from mxfp8.model.pretrained import load_pretrained, read_pretrained
 from mxfp8.numerics.quantize import quantize
-from mxfp8.train import golden, llama
-from mxfp8.train.checkpoint_load import find_checkpoint
-from mxfp8.train.config import load_config
+from mxfp8.train import golden
 from mxfp8.train.loop import train
-from mxfp8.train.pretrained import load_pretrained, read_pretrained
 
 SAMPLE = "To be, or not to be, that is the question:\nWhether 'tis nobler"
 
@@ -207,7 +208,7 @@ def test_mx_weight_is_the_fprop_quantization():
 
 def test_init_from_an_export_starts_from_its_weights_shape_and_tokenizer(source, tmp_path,
                                                                          data_cache):  # fmt: skip
-    from mxfp8.train.config import ConfigError
+    from mxfp8.config.fields import ConfigError
     from mxfp8.train.hooks import TrainHook
 
     class Initial(TrainHook):
@@ -239,7 +240,7 @@ def test_init_from_checks_the_vocabulary_against_the_tokenizer(source, tmp_path,
     """A directory whose model has fewer token ids than its tokenizer is refused, naming both."""
     from safetensors.torch import load_file, save_file
 
-    from mxfp8.train.config import ConfigError
+    from mxfp8.config.fields import ConfigError
 
     export(source, tmp_path / "hf", fmt="hf", dtype="fp32")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())

@@ -10,7 +10,9 @@ from mxfp8.errors import UserError
 from mxfp8.interop.generate import _filter, generate
 from mxfp8.layers.convert import convert_model
 from mxfp8.layers.recipe import recipe
-from mxfp8.train.model import KVCache, Transformer, model_config
+from mxfp8.model.attention import KVCache
+from mxfp8.model.config import model_config
+from mxfp8.model.transformer import Transformer
 
 CFG = model_config("tiny", d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=128,
                    vocab_size=96, max_seq_len=64, tie_embeddings=False)  # fmt: skip

@@ -8,8 +8,8 @@ import json
 import lm_eval  # noqa: F401 - a dev extra: missing, the suite fails (never skips)
 import pytest
 
+from mxfp8.config.train_config import load_config
 from mxfp8.train import golden
-from mxfp8.train.config import load_config
 from mxfp8.train.loop import train
 
 TASK_YAML = """\
@@ -181,9 +181,9 @@ def test_lm_eval_hf_model_on_the_export_scores_as_mxfp8_eval(tmp_path, data_cach
     from lm_eval.tasks import TaskManager
 
     from mxfp8.cli.main import main
+    from mxfp8.data.tokenizer import eot_id
     from mxfp8.interop import tasks as mc
     from mxfp8.interop.source import open_model
-    from mxfp8.train.tokenizer import eot_id
 
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.setenv(var, "1")

@@ -11,13 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mxfp8.config.train_config import load_config
+from mxfp8.data.prepare import prepare_data
 from mxfp8.errors import UserError
 from mxfp8.interop import tasks as mc
 from mxfp8.layers.recipe import recipe
+from mxfp8.model.config import model_config
+from mxfp8.model.transformer import Transformer
 from mxfp8.train import golden
-from mxfp8.train.config import load_config
-from mxfp8.train.data import prepare_data
-from mxfp8.train.model import Transformer, model_config
 
 
 @pytest.fixture(scope="module")

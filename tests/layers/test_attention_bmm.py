@@ -13,14 +13,15 @@ import torch
 import torch.nn.functional as F
 
 import mxfp8
+from mxfp8.config.train_config import load_config
 from mxfp8.layers.attention_bmm import BMM_GEMMS, bmm_specs, mx_attention, mx_bmm
 from mxfp8.layers.convert import convert_model
 from mxfp8.layers.recipe import Recipe, recipe
+from mxfp8.model.attention import Attention, KVCache, apply_rope
+from mxfp8.model.config import model_config
+from mxfp8.model.transformer import Transformer
 from mxfp8.train import golden
-from mxfp8.train.attention import Attention, apply_rope
-from mxfp8.train.config import load_config
 from mxfp8.train.loop import train
-from mxfp8.train.model import KVCache, Transformer, model_config
 
 # every operand of a product in another format, so a swapped mapping cannot pass
 MIXED = Recipe(fprop_input="e4m3", fprop_weight="e5m2", dgrad_grad_output="e5m2",

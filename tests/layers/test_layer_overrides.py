@@ -7,14 +7,15 @@ import json
 
 import pytest
 import torch
-from test_convert import Toy
 from torch import nn
+from toy_model import Toy
 
+from mxfp8.config.fields import ConfigError
+from mxfp8.config.train_config import load_config
 from mxfp8.layers.convert import convert_model, layer_recipes
 from mxfp8.layers.linear import MXLinear
 from mxfp8.layers.recipe import Recipe, recipe
 from mxfp8.train import golden
-from mxfp8.train.config import ConfigError, load_config
 from mxfp8.train.loop import train
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_linear_exact import CONFIGS, EXACT, S, _q, _ref, _run
+from linear_exact_helpers import CONFIGS, EXACT, S, _q, _ref, _run
 
 from mxfp8.layers.linear import MXLinear
 from mxfp8.layers.recipe import recipe
@@ -168,7 +168,8 @@ def test_2d_weight_with_other_fprop_and_dgrad_weight_formats_is_refused(fprop, d
 
 
 def test_2d_weight_format_clash_is_a_config_error_naming_the_fields():
-    from mxfp8.train.config import ConfigError, load_config
+    from mxfp8.config.fields import ConfigError
+    from mxfp8.config.train_config import load_config
 
     with pytest.raises(ConfigError, match=r"\[recipe\] .*fprop_weight.*dgrad_weight"):
         load_config(None, {"recipe.name": "mxfp8-2d-weight", "recipe.dgrad_weight": "e5m2"})

@@ -85,3 +85,41 @@ def assert_same_bits(got: torch.Tensor, want: torch.Tensor) -> None:
     where = np.argwhere(bad)
     if len(where):
         raise AssertionError(_describe(gb, wb, where, _FIELDS[got.dtype], None))
+
+
+# --- every bf16 pattern, arranged in blocks (the exhaustive sweeps) ---------------------------
+
+BLOCK = 32
+
+
+def all_bf16() -> torch.Tensor:
+    """All 65,536 bf16 bit patterns, in order."""
+    return torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+
+
+def _max_at(blocks: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Swap each block's largest |value| into the given position."""
+    blocks = blocks.clone()
+    rows = torch.arange(blocks.shape[0])
+    arg = blocks.float().abs().nan_to_num(nan=float("inf")).argmax(dim=1)
+    big, other = blocks[rows, arg].clone(), blocks[rows, positions].clone()
+    blocks[rows, positions], blocks[rows, arg] = big, other
+    return blocks
+
+
+def bf16_layouts() -> dict[str, torch.Tensor]:
+    """(2048, 32) bf16 block arrangements of all 65,536 patterns."""
+    x = all_bf16().reshape(-1, BLOCK)  # consecutive patterns: similar magnitudes per block
+    perm = torch.randperm(1 << 16, generator=torch.Generator().manual_seed(0))
+    shuffled = all_bf16()[perm].reshape(-1, BLOCK)  # mixed magnitudes, scattered NaN/Inf
+    finite = torch.where(shuffled.isfinite(), shuffled, torch.zeros((), dtype=torch.bfloat16))
+    pos = torch.arange(finite.shape[0]) % BLOCK
+    return {
+        "ordered": x,  # block max last (magnitudes grow with the pattern)
+        "reversed": x.flip(1),  # block max first
+        "shuffled": shuffled,
+        "finite-max-everywhere": _max_at(finite, pos),  # block max at every position
+    }
+
+
+LAYOUTS = bf16_layouts()  # shared by the sweep and the Triton kernel tests

@@ -19,44 +19,16 @@ import math
 import numpy as np
 import pytest
 import torch
-from numerics_helpers import assert_codes_equal, assert_same_bits, assert_scale_bits_equal
+from numerics_helpers import (
+    BLOCK,
+    LAYOUTS,
+    assert_codes_equal,
+    assert_same_bits,
+    assert_scale_bits_equal,
+)
 
 from mxfp8 import E4M3, E5M2, fake_quantize, quantize
 from mxfp8.numerics.reference import ref_dequantize, ref_quantize
-
-BLOCK = 32
-
-
-def _all_bf16() -> torch.Tensor:
-    return torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
-
-
-def _max_at(blocks: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Swap each block's largest |value| into the given position."""
-    blocks = blocks.clone()
-    rows = torch.arange(blocks.shape[0])
-    arg = blocks.float().abs().nan_to_num(nan=float("inf")).argmax(dim=1)
-    big, other = blocks[rows, arg].clone(), blocks[rows, positions].clone()
-    blocks[rows, positions], blocks[rows, arg] = big, other
-    return blocks
-
-
-def _layouts() -> dict[str, torch.Tensor]:
-    """(2048, 32) bf16 block arrangements of all 65,536 patterns."""
-    x = _all_bf16().reshape(-1, BLOCK)  # consecutive patterns: similar magnitudes per block
-    perm = torch.randperm(1 << 16, generator=torch.Generator().manual_seed(0))
-    shuffled = _all_bf16()[perm].reshape(-1, BLOCK)  # mixed magnitudes, scattered NaN/Inf
-    finite = torch.where(shuffled.isfinite(), shuffled, torch.zeros((), dtype=torch.bfloat16))
-    pos = torch.arange(finite.shape[0]) % BLOCK
-    return {
-        "ordered": x,  # block max last (magnitudes grow with the pattern)
-        "reversed": x.flip(1),  # block max first
-        "shuffled": shuffled,
-        "finite-max-everywhere": _max_at(finite, pos),  # block max at every position
-    }
-
-
-LAYOUTS = _layouts()
 
 _SUBSET_RANDOM = 1536  # random further patterns on top of the special ones
 # mantissa fields of the normal binades: 1.0, 1.75 - 2^-7, 1.75 (the largest amax mantissa

@@ -124,7 +124,7 @@ def test_kernel_names_and_errors():
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_every_bf16_pattern_in_every_layout(fmt, rule):
-    from test_bf16_sweep import LAYOUTS
+    from numerics_helpers import LAYOUTS
 
     from mxfp8.numerics.backends import triton_mx
 

@@ -14,15 +14,16 @@ from pathlib import Path
 import torch
 
 import mxfp8
+from mxfp8.config.train_config import load_config
 from mxfp8.layers import mx_function
 from mxfp8.layers.convert import convert_model, scaling_state_dict
 from mxfp8.layers.step import step_window
+from mxfp8.model.config import model_config
+from mxfp8.model.transformer import Transformer
 from mxfp8.parallel import DistEnv, init_process_group
 from mxfp8.parallel.wrap import shard_model
-from mxfp8.train.config import load_config
 from mxfp8.train.hooks import TrainHook
 from mxfp8.train.loop import train
-from mxfp8.train.model import Transformer, model_config
 
 # 96 = 3 MX blocks, sharded 48 + 48 over 2 ranks: the dgrad copy's blocks (along dim 0, the
 # dim FSDP2 shards) straddle the shard boundary, so quantizing shards locally would show

@@ -49,12 +49,13 @@ from dist_launch import metrics, mxfp8, per_rank
 from dist_launch import worker as launch
 from safetensors.torch import load_file, load_model
 
+from mxfp8.checkpoint.manifest import write_manifest
+from mxfp8.checkpoint.write import latest_checkpoint
 from mxfp8.cli.main import main
-from mxfp8.train.checkpoint import latest_checkpoint
-from mxfp8.train.config import load_config
-from mxfp8.train.data import eval_batches, get_batch, prepare_data
-from mxfp8.train.manifest import write_manifest
-from mxfp8.train.model import Transformer
+from mxfp8.config.train_config import load_config
+from mxfp8.data.batches import eval_batches, get_batch
+from mxfp8.data.prepare import prepare_data
+from mxfp8.model.transformer import Transformer
 
 REL_FIRST = 1e-4  # the step-1 loss: the same weights on the same global batch
 REL = 1e-3  # the losses of later steps

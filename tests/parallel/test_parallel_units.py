@@ -8,9 +8,14 @@ import math
 import pytest
 import torch
 
+from mxfp8.checkpoint.manifest import (
+    CheckpointError,
+    build_manifest,
+    verify_checkpoint,
+    write_manifest,
+)
 from mxfp8.parallel import LOCAL, DistEnv, ParallelMode, resolve_backend, resolve_mode
 from mxfp8.train import optim
-from mxfp8.train.manifest import CheckpointError, build_manifest, verify_checkpoint, write_manifest
 
 
 def test_environment_without_torchrun_is_one_process():

@@ -178,7 +178,7 @@ def make_planned_comparison(
     the final validation loss from ``val_losses``, seed by seed), so that the command skips
     training and only reports. Returns those command-line arguments."""
     from mxfp8.compare import plan, with_compare_defaults
-    from mxfp8.train.config import load_config
+    from mxfp8.config.train_config import load_config
 
     overrides = {"run.steps": steps}
     base = with_compare_defaults(load_config(None, overrides), set(overrides))

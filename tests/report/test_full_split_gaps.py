@@ -12,9 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from mxfp8.config.train_config import load_config
+from mxfp8.data.prepare import DataConfig, prepare_data
 from mxfp8.interop.source import checkpoint_source
-from mxfp8.train.config import load_config
-from mxfp8.train.data import DataConfig, prepare_data
 
 SCRIPT = Path(__file__).parents[2] / "scripts" / "full_split_gaps.py"
 STEPS, SEQ_LEN = 30, 32

@@ -10,6 +10,7 @@ import pytest
 from runfactory import make_seeded_comparison
 
 from mxfp8.report import plots
+from mxfp8.report.comparison_stats import stats_json
 from mxfp8.report.html import summary_rows, write_report
 from mxfp8.report.loader import load_runs
 from mxfp8.report.plots import relative_gap
@@ -23,7 +24,6 @@ from mxfp8.report.stats import (
     mean,
     sample_std,
     seed_stats,
-    stats_json,
     t_cdf,
     t_interval,
     t_quantile,

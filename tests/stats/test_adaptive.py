@@ -11,16 +11,18 @@ import pytest
 import torch
 
 from mxfp8.cli.main import main
+from mxfp8.config.train_config import load_config
 from mxfp8.layers.convert import convert_model
 from mxfp8.layers.linear import MXLinear
 from mxfp8.layers.precision import load_precision_state_dict, precision_state_dict
 from mxfp8.layers.recipe import recipe
+from mxfp8.model import llama
+from mxfp8.model.config import model_config
+from mxfp8.model.transformer import Transformer
 from mxfp8.stats.adaptive import AdaptiveHook, crossings
-from mxfp8.train import golden, llama
-from mxfp8.train.config import load_config
+from mxfp8.train import golden
 from mxfp8.train.hooks import TrainHook
 from mxfp8.train.loop import train
-from mxfp8.train.model import Transformer, model_config
 from mxfp8.train.runlog import TIMING_KEYS, read_metrics
 
 TARGET = "layers.1.feed_forward.w2"

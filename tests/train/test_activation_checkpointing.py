@@ -17,20 +17,21 @@ import pytest
 import torch
 
 import mxfp8
+from mxfp8.checkpoint.resume import RESUMABLE_FIELDS
+from mxfp8.config.fields import ConfigError
+from mxfp8.config.sections import RunConfig
+from mxfp8.config.train_config import load_config
 from mxfp8.layers.convert import convert_model
 from mxfp8.layers.linear import MXLinear
 from mxfp8.layers.recompute import is_recomputing
 from mxfp8.layers.step import step_window
+from mxfp8.model.config import model_config
+from mxfp8.model.transformer import ActivationCheckpointing, Transformer
 from mxfp8.stats.telemetry import NUMERICS_FILE
 from mxfp8.train import golden
-from mxfp8.train.config import load_config
-from mxfp8.train.fields import ConfigError
 from mxfp8.train.hooks import TrainHook
 from mxfp8.train.loop import train
-from mxfp8.train.model import ActivationCheckpointing, Transformer, model_config
-from mxfp8.train.resume import RESUMABLE_FIELDS
 from mxfp8.train.runlog import TIMING_KEYS, read_metrics
-from mxfp8.train.sections import RunConfig
 
 # the golden run's shape (mxfp8.train.golden.OVERRIDES): every linear is whole MX blocks
 CFG = model_config(

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
+from mxfp8 import checkpoint as ckpt
+from mxfp8.checkpoint.resume import ResumeError
+from mxfp8.config.train_config import load_config
 from mxfp8.layers.recipe import list_recipes
-from mxfp8.train import checkpoint as ckpt
 from mxfp8.train import golden
-from mxfp8.train.config import load_config
 from mxfp8.train.loop import TrainHook, train
-from mxfp8.train.resume import ResumeError
 from mxfp8.train.runlog import TIMING_KEYS, read_metrics
 
 

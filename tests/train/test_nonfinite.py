@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
+from mxfp8.config.train_config import load_config
 from mxfp8.stats.jsonl import read_rows
 from mxfp8.train import golden
-from mxfp8.train.config import load_config
 from mxfp8.train.loop import NonFiniteError, TrainHook, train
 from mxfp8.train.runlog import read_metrics
 

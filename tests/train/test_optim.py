@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+from mxfp8.config.sections import ScheduleKind
 from mxfp8.train.optim import (
     LossScaler,
     Schedule,
-    ScheduleKind,
     build_optimizer,
     clip_gradients,
     lr_multiplier,

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mxfp8.config.train_config import load_config
 from mxfp8.layers.recipe import recipe
 from mxfp8.train import golden, session
-from mxfp8.train.config import load_config
 from mxfp8.train.loop import evaluate
 from mxfp8.train.step import micro_batch, run_step
 

@@ -3,7 +3,6 @@ second signal aborts at once. And kill -9 at random moments (scripts/kill_harnes
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -13,26 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from mxfp8.train import checkpoint as ckpt
+from mxfp8 import checkpoint as ckpt
+from mxfp8.config.train_config import load_config
 from mxfp8.train import golden
-from mxfp8.train.config import load_config
 from mxfp8.train.loop import train
 from mxfp8.train.preempt import Aborted, stop_on_signals
-from mxfp8.train.runlog import TIMING_KEYS, read_metrics
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _harness():
-    spec = importlib.util.spec_from_file_location("kill_harness", ROOT / "scripts/kill_harness.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def exact(rows):
-    return [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in rows]
+from mxfp8.train.runlog import read_metrics
+from run_helpers import ROOT, exact, kill_harness
 
 
 def test_first_signal_sets_the_flag_and_a_second_aborts():
@@ -100,12 +86,12 @@ def test_signal_checkpoints_and_resume_is_bit_identical(sig, code, tmp_path, dat
 
 def test_kill_9_harness_a_few_kills(tmp_path):
     """The fast version of the harness: 3 kills (the slow test runs 30)."""
-    tally = _harness().run_harness(3, seed=1, steps=8, workdir=tmp_path, say=lambda _: None)
+    tally = kill_harness().run_harness(3, seed=1, steps=8, workdir=tmp_path, say=lambda _: None)
     assert tally.ok(3), tally
 
 
 @pytest.mark.slow
 def test_kill_9_harness_30_kills(tmp_path):
-    tally = _harness().run_harness(30, seed=0, steps=24, workdir=tmp_path, say=print)
+    tally = kill_harness().run_harness(30, seed=0, steps=24, workdir=tmp_path, say=print)
     assert tally.landed >= 30
     assert tally.ok(30), tally

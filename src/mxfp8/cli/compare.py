@@ -21,7 +21,7 @@ from mxfp8.compare import DEFAULT_RECIPES, RECIPE_SETS
 from mxfp8.errors import UserError
 
 if TYPE_CHECKING:
-    from mxfp8.train.config import TrainConfig
+    from mxfp8.config.train_config import TrainConfig
 
 DEFAULT_OUT = "runs/compare"
 USAGE = "[--recipes A,B,...] [--seeds K,K,... [--margin PCT [--require-equivalent]]]"
@@ -121,8 +121,8 @@ def run(args: argparse.Namespace) -> int:
     """Errors are raised, not printed: ``mxfp8.cli.main`` words them (status 2)."""
     from mxfp8.cli.train import overrides_from_args
     from mxfp8.compare import with_compare_defaults
+    from mxfp8.config.train_config import load_config
     from mxfp8.layers.recipe import list_recipes
-    from mxfp8.train.config import load_config
 
     overrides = overrides_from_args(args)
     if "recipe.name" in overrides:
@@ -198,7 +198,8 @@ def check_can_start(base: TrainConfig, recipes: Sequence[str], out: str | Path,
     Skipped when every run is already complete: then nothing reads the data.
     """
     from mxfp8.compare import CompareError, plan
-    from mxfp8.train.data import prepare_data, require_tokens
+    from mxfp8.data.batches import require_tokens
+    from mxfp8.data.prepare import prepare_data
 
     try:
         plans = plan(base, recipes, Path(out), seeds)

@@ -17,7 +17,7 @@ import json
 import shutil
 from pathlib import Path
 
-from mxfp8.train.checkpoint_load import find_checkpoint
+from mxfp8.checkpoint.find import find_checkpoint
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -43,11 +43,11 @@ def consolidate(checkpoint: Path, out: Path | None = None) -> Path:
     manifest is rewritten); returns the file written."""
     from safetensors.torch import save_model
 
+    from mxfp8 import checkpoint as ckpt
+    from mxfp8.checkpoint.manifest import build_manifest
+    from mxfp8.config.train_config import load_config
     from mxfp8.fileio import write_text_atomically
-    from mxfp8.train import checkpoint as ckpt
-    from mxfp8.train.config import load_config
-    from mxfp8.train.manifest import build_manifest
-    from mxfp8.train.model import Transformer
+    from mxfp8.model.transformer import Transformer
 
     target = out if out is not None else checkpoint / ckpt.WEIGHTS_FILE
     existing = checkpoint / ckpt.WEIGHTS_FILE

@@ -53,7 +53,7 @@ def run_demo(out: str | Path | None = None, overrides: Mapping[str, Any] | None 
     """
     from mxfp8.cli.compare import compare_and_print
     from mxfp8.compare import DEFAULT_RECIPES, with_compare_defaults
-    from mxfp8.train.config import load_config
+    from mxfp8.config.train_config import load_config
 
     overrides = dict(overrides or {})
     base = with_compare_defaults(load_config(None, overrides), set(overrides))

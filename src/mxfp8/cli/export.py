@@ -33,9 +33,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
+    from mxfp8.checkpoint.find import find_checkpoint
     from mxfp8.errors import UserError
     from mxfp8.interop.export import export, read_source
-    from mxfp8.train.checkpoint_load import find_checkpoint
 
     if not args.max_shard_gb > 0:
         raise UserError(f"--max-shard-gb must be > 0, got {args.max_shard_gb}")

@@ -35,9 +35,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
+    from mxfp8.data.tokenizer import eot_id
     from mxfp8.interop.generate import check_args, generate
     from mxfp8.interop.source import open_model
-    from mxfp8.train.tokenizer import eot_id
 
     check_args(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
     loaded = open_model(args.path, step=args.step, recipe=args.recipe)

@@ -1,7 +1,7 @@
 """``mxfp8 train``: pre-train a model under a recipe (the main job when run with no arguments).
 
 Every ``--section.field`` option is generated from the config dataclasses of
-:mod:`mxfp8.train.config`, with their help text, so this file never lists options by hand.
+:mod:`mxfp8.config.train_config`, with their help text, so this file never lists options by hand.
 :func:`add_config_options` declares them on any parser (``mxfp8 compare`` shares them), and
 :func:`unknown_option_message` (called by ``mxfp8.cli.main`` for words no option matched) turns a
 mistyped ``--section.field`` into an error that lists the valid keys of that section.
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from mxfp8.train.config import TrainConfig
+    from mxfp8.config.train_config import TrainConfig
 
 # short flag -> (config key, metavar, help)
 SHORT_FLAGS: dict[str, tuple[str, str, str]] = {
@@ -65,7 +65,8 @@ def usage(command: str, extra: str = "") -> str:
 
 def unknown_option_message(option: str) -> str:
     """Why ``option`` (an unrecognized command-line word) is wrong, and what is valid."""
-    from mxfp8.train.config import ConfigError, apply_overrides, config_keys
+    from mxfp8.config.fields import ConfigError
+    from mxfp8.config.train_config import apply_overrides, config_keys
 
     if not option.startswith("--"):
         return f"unrecognized argument {option!r}"
@@ -87,7 +88,7 @@ def unknown_option_message(option: str) -> str:
 
 
 def _short_type(tp: Any) -> str:
-    from mxfp8.train.fields import type_name
+    from mxfp8.config.fields import type_name
 
     name = type_name(tp).replace("NoneType", "none")
     name = name.replace("list of str (comma-separated)", "A,B,...")
@@ -112,7 +113,7 @@ def add_config_options(
     and validated when the config is built, so errors name the key. ``--out`` and ``--recipe``
     mean something else in ``mxfp8 compare``, hence their help texts are parameters.
     """
-    from mxfp8.train.config import config_keys
+    from mxfp8.config.train_config import config_keys
 
     helps = {"--out": out_help, "--recipe": recipe_help}
     parser.add_argument("--config", metavar="FILE", help="TOML config file (sections as below)")
@@ -174,7 +175,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
     """The run config of a command line (a resumed run starts from its saved config)."""
-    from mxfp8.train.config import ConfigError, load_config
+    from mxfp8.config.fields import ConfigError
+    from mxfp8.config.train_config import load_config
 
     overrides = overrides_from_args(args)
     base = args.config
@@ -203,8 +205,8 @@ def run_config(cfg: TrainConfig, *, report: bool = True) -> int:
     1: stopped after too many non-finite steps, or a checkpoint could not be written or read.
     Config and resume errors propagate (mxfp8.cli.main: exit 2).
     """
+    from mxfp8.checkpoint.manifest import CheckpointError
     from mxfp8.parallel import DistEnv
-    from mxfp8.train.checkpoint import CheckpointError
     from mxfp8.train.loop import NonFiniteError, RunComplete, train
     from mxfp8.train.preempt import Aborted
 

@@ -4,7 +4,7 @@ The split is cut into consecutive, non-overlapping windows of ``seq_len + 1`` to
 window predicts its last ``seq_len`` tokens from the ones before, as training does), in order
 from the start, so every token of the evaluated range is predicted exactly once and the result
 does not depend on a seed. The forward is the training loop's validation forward
-(:func:`mxfp8.train.model.inference_forward`: the recipe's autocast, the run's quantized
+(:func:`mxfp8.model.transformer.inference_forward`: the recipe's autocast, the run's quantized
 layers), so ``mxfp8 eval`` of a run's checkpoint on its validation split agrees with its
 validation loss up to the choice of windows, and on the run's own validation batches
 (:func:`evaluate_val_batches`) equals it bit for bit.
@@ -28,7 +28,7 @@ from tokenizers import Tokenizer
 
 from mxfp8.errors import UserError
 from mxfp8.layers.recipe import Recipe
-from mxfp8.train.model import Transformer, eval_mode, inference_forward
+from mxfp8.model.transformer import Transformer, eval_mode, inference_forward
 
 __all__ = ["append_evaluation", "eval_mode", "evaluate_lm", "evaluate_val_batches"]
 
@@ -81,11 +81,12 @@ def evaluate_lm(model: Transformer, tokens: np.ndarray, tokenizer: Tokenizer, *,
 
 def evaluate_val_batches(loaded: Any) -> dict[str, Any]:
     """The loss of a run's checkpoint on the run's own validation batches (``run.eval_batches``
-    batches of ``run.batch_size`` windows, :func:`mxfp8.train.data.eval_batches`), by the
+    batches of ``run.batch_size`` windows, :func:`mxfp8.data.batches.eval_batches`), by the
     training loop's own :func:`~mxfp8.train.loop.evaluate`: the ``val_loss`` the run logged at
     that step, bit for bit (unless an adaptive switch happened at that very step: the run
     validated before it)."""
-    from mxfp8.train.data import eval_batches, prepare_data
+    from mxfp8.data.batches import eval_batches
+    from mxfp8.data.prepare import prepare_data
     from mxfp8.train.loop import evaluate
 
     cfg = loaded.run_config

@@ -4,7 +4,7 @@ Two formats, one layout (``config.json``, ``generation_config.json``, the weight
 tokenizer files, and ``mxfp8_export.json`` saying where it came from):
 
 - ``hf``: every weight in ``--dtype`` (bf16 or fp32), under transformers' names
-  (:mod:`mxfp8.train.llama`); ``AutoModelForCausalLM.from_pretrained(DIR)`` loads it.
+  (:mod:`mxfp8.model.llama`); ``AutoModelForCausalLM.from_pretrained(DIR)`` loads it.
 - ``mxfp8``: the same, except the weight of each linear layer the recipe converts (the
   transformer blocks' q/k/v/o and gate/up/down), stored as the fprop GEMM quantizes it:
   ``weight`` as FP8 (F8_E4M3) [N, K] and ``weight_scale_inv`` as E8M0 (F8_E8M0) [N, K/32],
@@ -33,11 +33,12 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
+from mxfp8.config.train_config import TrainConfig
 from mxfp8.errors import UserError
-from mxfp8.train import llama
-from mxfp8.train.config import TrainConfig
-from mxfp8.train.llama import INDEX_FILE, MX_BLOCK, SCALE_SUFFIX, SINGLE_FILE
-from mxfp8.train.model import ModelConfig, Transformer
+from mxfp8.model import llama
+from mxfp8.model.config import ModelConfig
+from mxfp8.model.llama import INDEX_FILE, MX_BLOCK, SCALE_SUFFIX, SINGLE_FILE
+from mxfp8.model.transformer import Transformer
 
 FORMATS = ("hf", "mxfp8")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -72,10 +73,10 @@ class Source:
 
 def read_source(checkpoint: Path) -> Source:
     """Load a (verified) checkpoint directory's weights, config and tokenizer."""
+    from mxfp8 import checkpoint as ckpt
+    from mxfp8.config.train_config import load_config
     from mxfp8.layers.convert import plan_conversion
     from mxfp8.layers.recipe import recipe as named_recipe
-    from mxfp8.train import checkpoint as ckpt
-    from mxfp8.train.config import load_config
 
     cfg = load_config(checkpoint / ckpt.CONFIG_FILE)
     model = Transformer(cfg.model.build())
@@ -107,7 +108,7 @@ def _run_tokenizer(cfg, identity: dict[str, Any]) -> Path:
     the cache is gone), checked against the sha256 the checkpoint recorded."""
     import hashlib
 
-    from mxfp8.train.data import prepare_data
+    from mxfp8.data.prepare import prepare_data
 
     data = prepare_data(cfg.data)
     path = data.path / "tokenizer.json"
@@ -182,7 +183,7 @@ def _write_weights(tmp: Path, tensors: dict[str, torch.Tensor], max_bytes: int) 
 def _write_tokenizer(tmp: Path, tok: Tokenizer, cfg: ModelConfig) -> tuple[int | None, int | None]:
     """tokenizer.json plus what transformers' AutoTokenizer needs to load it offline;
     returns the (bos, eos) ids (the document separator serves as both, as in GPT-2)."""
-    from mxfp8.train.tokenizer import EOT, eot_id
+    from mxfp8.data.tokenizer import EOT, eot_id
 
     tok.save(str(tmp / "tokenizer.json"))
     eot = eot_id(tok)

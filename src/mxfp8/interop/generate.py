@@ -15,7 +15,8 @@ import torch
 
 from mxfp8.errors import UserError
 from mxfp8.interop.evaluate import eval_mode
-from mxfp8.train.model import KVCache, Transformer
+from mxfp8.model.attention import KVCache
+from mxfp8.model.transformer import Transformer
 
 
 def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

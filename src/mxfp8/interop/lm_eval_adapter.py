@@ -16,10 +16,10 @@ import sys
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from mxfp8.data.tokenizer import eot_id
 from mxfp8.interop import tasks as mc
 from mxfp8.interop.generate import generate
 from mxfp8.interop.source import open_model
-from mxfp8.train.tokenizer import eot_id
 
 NAME = "mxfp8"
 

@@ -15,7 +15,7 @@ from mxfp8.layers.convert import convert_model
 from mxfp8.layers.precision import load_layer_state, precision_state_dict
 from mxfp8.layers.recipe import Recipe
 from mxfp8.layers.recipe import recipe as named_recipe
-from mxfp8.train.model import Transformer
+from mxfp8.model.transformer import Transformer
 
 
 @dataclass
@@ -47,15 +47,15 @@ def open_model(path: str | Path, *, step: int | None = None, recipe: str | None 
     """Load ``path`` (see the module doc) as its run ran it at that checkpoint: converted to
     the run's resolved recipe (``[recipe]`` with its overrides and field changes), with the
     checkpoint's adaptive switches to bf16 and delayed-scaling state re-applied, so that its
-    forward (:func:`mxfp8.train.model.inference_forward` under :attr:`Loaded.run_recipe`) is the
-    one the run validated with, bit for bit.
+    forward (:func:`mxfp8.model.transformer.inference_forward` under
+    :attr:`Loaded.run_recipe`) is the one the run validated with, bit for bit.
 
     ``recipe`` (a named recipe) replaces the run's: a bf16-trained model under ``mxfp8``
     answers whether MX inference hurts. A Llama directory runs under the recipe of the run its
     export names when that checkpoint is still there (as above), else under the recipe name
     its export recorded, else ``bf16``."""
     from mxfp8.interop.export import PROVENANCE_FILE
-    from mxfp8.train.pretrained import build_model, is_pretrained_dir, read_pretrained
+    from mxfp8.model.pretrained import build_model, is_pretrained_dir, read_pretrained
 
     path = Path(path)
     run_config, state = None, {}
@@ -75,8 +75,8 @@ def open_model(path: str | Path, *, step: int | None = None, recipe: str | None 
         source = f"{path} (model directory)"
         tok_path, home = path / "tokenizer.json", path
     else:
+        from mxfp8.checkpoint.find import find_checkpoint
         from mxfp8.interop.export import read_source
-        from mxfp8.train.checkpoint_load import find_checkpoint
 
         ck = find_checkpoint(path, step)
         src = read_source(ck)
@@ -112,8 +112,8 @@ def names_checkpoint(source: str, checkpoint: Path) -> bool:
 def _export_run(checkpoint: Path) -> tuple[Any, dict[str, Any]]:
     """(config, state.pt) of the checkpoint an export came from, when it is still there;
     (None, {}) otherwise."""
-    from mxfp8.train import checkpoint as ckpt
-    from mxfp8.train.config import load_config
+    from mxfp8 import checkpoint as ckpt
+    from mxfp8.config.train_config import load_config
 
     if not checkpoint.name or not (checkpoint / ckpt.CONFIG_FILE).is_file():
         return None, {}
@@ -125,7 +125,7 @@ def eval_split(loaded: Loaded, data: str | None = None):
     of the corpus ``data`` tokenized with the model's own tokenizer."""
     import dataclasses
 
-    from mxfp8.train.data import DataConfig, prepare_data
+    from mxfp8.data.prepare import DataConfig, prepare_data
 
     if data is None:
         if loaded.run_config is None:

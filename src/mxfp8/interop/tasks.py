@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
+from mxfp8.data.tokenizer import eot_id
 from mxfp8.errors import UserError
 from mxfp8.layers.recipe import Recipe
-from mxfp8.train.model import Transformer, inference_forward
-from mxfp8.train.tokenizer import eot_id
+from mxfp8.model.transformer import Transformer, inference_forward
 
 TARGET_DELIMITER = " "
 FEWSHOT_DELIMITER = "\n\n"
@@ -130,7 +130,7 @@ def loglikelihoods(model: Transformer, requests: list[tuple[list[int], list[int]
                    ) -> list[tuple[float, bool]]:  # fmt: skip
     """(summed log-probability of the continuation, whether it is the greedy one) for each
     (context ids, continuation ids); the context is cut on the left to fit max_seq_len. The
-    forward is :func:`~mxfp8.train.model.inference_forward` under ``recipe`` (the run's
+    forward is :func:`~mxfp8.model.transformer.inference_forward` under ``recipe`` (the run's
     recipe, as for the loss; bf16 autocast when None)."""
     limit = model.cfg.max_seq_len
     device = model.tok_embeddings.weight.device

@@ -47,6 +47,7 @@ from mxfp8.layers.recipe_fields import (  # noqa: F401 - re-exported: the recipe
     _enum,
     check_weight_block,
 )
+from mxfp8.layers.recipe_presets import PRESETS
 
 
 @dataclass(frozen=True)
@@ -61,10 +62,10 @@ class LayerOverride:
         if not isinstance(self.pattern, str) or not self.pattern:
             raise ValueError(f"recipe override: pattern must be a non-empty fnmatch pattern, "
                              f"got {self.pattern!r}")  # fmt: skip
-        if self.recipe not in _PRESETS:
+        if self.recipe not in PRESETS:
             raise ValueError(f"recipe override {self.pattern!r}: unknown recipe "
-                             f"{self.recipe!r}; presets: {', '.join(_PRESETS)}")  # fmt: skip
-        r = _PRESETS[self.recipe]
+                             f"{self.recipe!r}; presets: {', '.join(PRESETS)}")  # fmt: skip
+        r = PRESETS[self.recipe]
         if r.get("compute_dtype", ComputeDtype.BF16) is not ComputeDtype.BF16:
             raise ValueError(f"recipe override {self.pattern!r}: {self.recipe!r} changes the "
                              "compute dtype, which is the model's, not a layer's; use 'bf16' "
@@ -328,95 +329,14 @@ class Recipe:
 
 FORMAT_FIELDS = tuple(f"{g}_{o}" for g in GEMMS for o in GEMM_OPERANDS[g])
 
-_E4, _E5 = Fp8Format.E4M3, Fp8Format.E5M2
-_GRADS_E5M2 = {"dgrad_grad_output": _E5, "wgrad_grad_output": _E5}
-
-_PRESETS: dict[str, dict[str, Any]] = {
-    "bf16": dict(scaling=ScalingKind.NONE, description="no quantization: the bf16 baseline"),
-    "fp32": dict(
-        scaling=ScalingKind.NONE,
-        compute_dtype=ComputeDtype.FP32,
-        description="no quantization, no autocast: everything in fp32",
-    ),
-    "fp16": dict(
-        scaling=ScalingKind.NONE,
-        compute_dtype=ComputeDtype.FP16,
-        description="no quantization, fp16 autocast with dynamic loss scaling",
-    ),
-    "mxfp8": dict(
-        scaling=ScalingKind.MX,
-        description="the paper: MX blocks of 32, E4M3 everywhere, rceil scales",
-    ),
-    "mxfp8-floor": dict(
-        scaling=ScalingKind.MX,
-        scale_rule=ScaleRuleName.FLOOR,
-        description="as mxfp8 with the OCP v1.0 floor scale rule (the paper's failing ablation)",
-    ),
-    "mxfp8-e5m2-grads": dict(
-        scaling=ScalingKind.MX,
-        **_GRADS_E5M2,
-        description="as mxfp8 with output gradients in E5M2",
-    ),
-    "mxfp8-wgrad-hp": dict(
-        scaling=ScalingKind.MX,
-        hp_gemms=("wgrad",),
-        description="as mxfp8 with the weight-gradient GEMM in bf16 (torchao's wgrad_with_hp)",
-    ),
-    "mxfp8-2d-weight": dict(
-        scaling=ScalingKind.MX,
-        weight_block=WeightBlock.TILE,
-        description="as mxfp8 with 32x32 weight tiles: one weight copy for fprop and dgrad",
-    ),
-    "mxfp8-attn": dict(
-        scaling=ScalingKind.MX,
-        quantize_attention_bmm=True,
-        description="as mxfp8 with the attention BMMs (QK^T, PV) in MX too; softmax in fp32",
-    ),
-    "mxfp8-adaptive": dict(
-        scaling=ScalingKind.MX,
-        adaptive=True,
-        description="as mxfp8; a layer whose operands cross saturation/underflow/SQNR "
-        "thresholds, or that a loss spike names, switches to bf16 for the rest of the run",
-    ),
-    "fp8-tensorwise": dict(
-        scaling=ScalingKind.TENSORWISE,
-        **_GRADS_E5M2,
-        description="per-tensor current scaling; E4M3 forward, E5M2 gradients",
-    ),
-    "fp8-rowwise": dict(
-        scaling=ScalingKind.ROWWISE,
-        description="per-row current scaling along each GEMM's reduction dim, E4M3 everywhere",
-    ),
-    "fp8-rowwise-gw-hp": dict(
-        scaling=ScalingKind.ROWWISE,
-        hp_gemms=("wgrad",),
-        description="as fp8-rowwise with the weight-gradient GEMM in bf16 (unquantized dy, x)",
-    ),
-    "fp8-delayed": dict(
-        scaling=ScalingKind.DELAYED,
-        **_GRADS_E5M2,
-        history_len=16,
-        amax_reduce=AmaxReduce.MAX,
-        description="per-tensor delayed scaling: max amax of the last 16 steps",
-    ),
-    "fp8-delayed-ema": dict(
-        scaling=ScalingKind.DELAYED,
-        **_GRADS_E5M2,
-        history_len=16,
-        amax_reduce=AmaxReduce.EMA,
-        ema_decay=0.9,
-        description="per-tensor delayed scaling: EMA of past amax (decay 0.9)",
-    ),
-}
-
 
 def list_recipes() -> list[str]:
     """Names of the preset recipes, in a stable order (baseline first)."""
-    return list(_PRESETS)
+    return list(PRESETS)
 
 
 def recipe(name: str, **overrides: Any) -> Recipe:
     """The preset ``name``, optionally with some fields overridden."""
-    if name not in _PRESETS:
-        raise ValueError(f"unknown recipe {name!r}; presets: {', '.join(_PRESETS)}")
-    return Recipe(name=name, **{**_PRESETS[name], **overrides})
+    if name not in PRESETS:
+        raise ValueError(f"unknown recipe {name!r}; presets: {', '.join(PRESETS)}")
+    return Recipe(name=name, **{**PRESETS[name], **overrides})

@@ -23,7 +23,7 @@ COMPARE_NUM_FEWSHOT = 0  # compare scores every task zero-shot, on every item (n
 
 def run_split(cfg: Any) -> tuple[Any, str]:
     """(validation token ids, eval.json's ``data`` for them) of the run of config ``cfg``
-    (a :class:`~mxfp8.train.config.TrainConfig`): what ``mxfp8 eval RUN`` evaluates on, taken
+    (a :class:`~mxfp8.config.train_config.TrainConfig`): what ``mxfp8 eval RUN`` evaluates on, taken
     from :func:`mxfp8.interop.source.eval_split` itself, which reads only the run's config."""
     from mxfp8.interop.source import eval_split
 

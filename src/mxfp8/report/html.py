@@ -29,7 +29,19 @@ from mxfp8.report.loader import (
     load_runs,
     paired_baseline,
 )
-from mxfp8.report.plots import Plot, all_plots
+from mxfp8.report.numerics_plots import (
+    HEATMAP_METRICS,
+    numerics_heatmap,
+    scale_histograms,
+    tensorwise_scales,
+)
+from mxfp8.report.plots import (
+    Plot,
+    gap_curves,
+    gap_curves_over_seeds,
+    loss_curves,
+    loss_curves_over_seeds,
+)
 from mxfp8.report.seed_tables import fmt as _fmt
 from mxfp8.report.seed_tables import seed_table
 
@@ -360,3 +372,19 @@ def write_report(directory: str | Path, out: str | Path | None = None) -> Path:
     tmp.write_text(render_html(runs, plots, title, comparison_margin(directory)), encoding="utf-8")
     os.replace(tmp, out_path)
     return out_path
+
+
+def all_plots(runs: Sequence[RunData]) -> list[Plot]:
+    """Every figure the report shows, in reading order. In a multi-seed comparison: loss and
+    gap curves over seeds, and the numerics of each recipe's first seed only (one set of
+    heatmaps per recipe, not per run)."""
+    if is_multi_seed(runs):
+        plots = [loss_curves_over_seeds(runs), gap_curves_over_seeds(runs)]
+        runs = [group[0] for group in by_recipe(runs).values()]
+    else:
+        plots = [loss_curves(runs), gap_curves(runs)]
+    for run in runs:
+        plots.extend(numerics_heatmap(run, m) for m in HEATMAP_METRICS)
+        plots.append(scale_histograms(run))
+        plots.append(tensorwise_scales(run))
+    return [p for p in plots if p is not None]

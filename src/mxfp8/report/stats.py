@@ -333,25 +333,3 @@ def against(stats: Sequence[RecipeStats], reference: str = PAIR_REFERENCE) -> li
         out.append(PairStats(s.recipe, reference, gaps,
                              mean(list(gaps.values())) if gaps else None, iv, text))  # fmt: skip
     return out
-
-
-def stats_json(runs: Sequence[RunData], margin: float | None = None) -> dict[str, Any]:
-    """What ``comparison.json`` holds about the seeds: the definitions and each recipe; with
-    ``margin`` (in %), also each recipe's equivalence to bf16 within it
-    (:mod:`mxfp8.report.equivalence`)."""
-    stats = seed_stats(runs)
-    pairs = against(stats)
-    out = {
-        "gap": GAP_NOTE,
-        "interval": INTERVAL_NOTE,
-        "val_loss_std": "sample standard deviation over seeds (ddof=1)",
-        "cloze": "mean over seeds of each run's latest cloze scores (eval.json)",
-        "recipes": {s.recipe: s.to_json() for s in stats},
-    }
-    if pairs:
-        out[f"against_{PAIR_REFERENCE}"] = {p.recipe: p.to_json() for p in pairs}
-    if margin is not None:
-        from mxfp8.report.equivalence import equivalence_json  # it imports this module
-
-        out["equivalence"] = equivalence_json(stats, margin)
-    return out

@@ -36,7 +36,7 @@ SQNR_DB_PER_BIT = 20 * math.log10(2)  # 6.02 dB: one bit of precision
 log = logging.getLogger(__name__)
 
 
-def _opt(default: float | int, help: str) -> Any:  # noqa: A002 - as mxfp8.train.fields.opt
+def _opt(default: float | int, help: str) -> Any:  # noqa: A002 - as mxfp8.config.fields.opt
     """A field with its help text (read by ``mxfp8 train --help``; train is a higher floor,
     so its ``opt`` helper is not imported here)."""
     return field(default=default, metadata={"help": help})

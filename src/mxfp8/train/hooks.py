@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mxfp8.train.config import TrainConfig
+from mxfp8.config.train_config import TrainConfig
 
 
 class TrainHook:

@@ -14,11 +14,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from mxfp8.train import pretrained
-from mxfp8.train.config import ModelSection, TrainConfig
-from mxfp8.train.fields import ConfigError
-from mxfp8.train.model import ModelConfig, Transformer
-from mxfp8.train.pretrained import Pretrained, is_pretrained_dir, read_pretrained
+from mxfp8.config.fields import ConfigError
+from mxfp8.config.train_config import ModelSection, TrainConfig
+from mxfp8.model import pretrained
+from mxfp8.model.config import ModelConfig
+from mxfp8.model.pretrained import Pretrained, is_pretrained_dir, read_pretrained
+from mxfp8.model.transformer import Transformer
 
 
 def apply(cfg: TrainConfig, *, fresh: bool, say) -> tuple[TrainConfig, Pretrained | None]:

@@ -1,6 +1,6 @@
 """The training loop: :func:`train` runs one :class:`TrainConfig` and writes its run directory.
 
-The pieces live next to it: :mod:`~mxfp8.train.resume` decides where a run starts,
+The pieces live next to it: :mod:`~mxfp8.checkpoint.resume` decides where a run starts,
 :mod:`~mxfp8.train.session` builds and restores what a process holds,
 :mod:`~mxfp8.train.step` runs one optimizer step, :mod:`~mxfp8.train.preempt` turns SIGTERM /
 SIGINT into a checkpointed stop. This module wires them: start, steps (with evaluation,
@@ -26,20 +26,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from mxfp8 import checkpoint as ckpt
+from mxfp8.checkpoint.resume import RunComplete, StartPoint, find_start
+from mxfp8.config.fields import ConfigError
+from mxfp8.config.train_config import TrainConfig
 from mxfp8.fileio import write_text_atomically
 from mxfp8.layers.convert import layer_recipes
 from mxfp8.layers.recipe import Recipe
 from mxfp8.layers.scratch import pool_nbytes
+from mxfp8.model.transformer import inference_forward
 from mxfp8.parallel import LOCAL, Comm, DistEnv
 from mxfp8.stats import adaptive, divergence, telemetry
 from mxfp8.stats.jsonl import encode_row
-from mxfp8.train import checkpoint as ckpt
 from mxfp8.train import session as session_mod
-from mxfp8.train.config import ConfigError, TrainConfig
 from mxfp8.train.hooks import RunResult, TrainContext, TrainHook
-from mxfp8.train.model import inference_forward
 from mxfp8.train.preempt import stop_on_signals
-from mxfp8.train.resume import RunComplete, StartPoint, find_start
 from mxfp8.train.runlog import SUMMARY_FILE, RunLog, perplexity
 from mxfp8.train.session import Session, resolve_device
 from mxfp8.train.step import NonFiniteError, NonFiniteGuard, run_step
@@ -193,7 +194,7 @@ def train(cfg: TrainConfig, *, hooks: list[TrainHook] | tuple = ()) -> RunResult
     """Train ``cfg`` (resuming from ``cfg.run.out`` when ``cfg.run.resume``); see module doc.
 
     Raises :class:`RunComplete` when resuming a finished run (nothing is changed),
-    :class:`~mxfp8.train.resume.ResumeError` for a resume that would not continue the same
+    :class:`~mxfp8.checkpoint.resume.ResumeError` for a resume that would not continue the same
     run, and :class:`NonFiniteError` after too many non-finite steps in a row.
     """
     run_dir = Path(cfg.run.out) if cfg.run.out else default_run_dir(cfg)

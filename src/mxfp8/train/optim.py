@@ -6,7 +6,6 @@ tested on its own; :mod:`mxfp8.train.loop` only wires them together.
 
 from __future__ import annotations
 
-import enum
 import fnmatch
 import math
 from collections.abc import Callable, Iterable
@@ -15,32 +14,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from mxfp8.config.sections import LossScaleMode, ScheduleKind
+
 if TYPE_CHECKING:
-    from mxfp8.train.config import LossScaleConfig, OptimConfig, ScheduleConfig
+    from mxfp8.config.sections import LossScaleConfig, OptimConfig, ScheduleConfig
 
-
-class ScheduleKind(enum.StrEnum):
-    """Learning-rate schedule, as a multiplier m(s) of the peak lr at step s (0-based).
-
-    - ``warmup-cosine``: m = (s+1)/W during warmup, then
-      r + (1-r) * (1 + cos(pi * p)) / 2 with p the fraction of the post-warmup steps done
-      and r = ``min_lr_ratio``.
-    - ``constant``: linear warmup, then m = 1.
-    - ``wsd`` (warmup-stable-decay): warmup, m = 1, then a linear decay to r over the last
-      ``decay_fraction`` of the run.
-    """
-
-    WARMUP_COSINE = "warmup-cosine"
-    CONSTANT = "constant"
-    WSD = "wsd"
-
-
-class LossScaleMode(enum.StrEnum):
-    """Dynamic loss scaling: ``auto`` (on when the recipe needs it), ``on`` or ``off``."""
-
-    AUTO = "auto"
-    ON = "on"
-    OFF = "off"
+__all__ = ["LossScaleMode", "ScheduleKind"]  # the config's choices, importable from here too
 
 
 # --- AdamW ---------------------------------------------------------------------------------

@@ -20,8 +20,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from mxfp8 import checkpoint as ckpt
+from mxfp8.checkpoint.resume import ResumeError, check_data_identity
+from mxfp8.config.fields import ConfigError
+from mxfp8.config.sections import LossScaleMode
+from mxfp8.config.train_config import ModelSection, TrainConfig
+from mxfp8.data.batches import eval_batches, require_tokens
+from mxfp8.data.prepare import PreparedData, prepare_data
 from mxfp8.layers.convert import convert_model, scaling_state_dict
 from mxfp8.layers.precision import load_layer_state, precision_state_dict
+from mxfp8.model.transformer import Transformer
 from mxfp8.numerics import backends
 from mxfp8.parallel import (
     LOCAL,
@@ -34,14 +42,8 @@ from mxfp8.parallel import (
 )
 from mxfp8.parallel import dcp as dcp_state
 from mxfp8.parallel.wrap import replicate_model, shard_model
-from mxfp8.train import checkpoint as ckpt
 from mxfp8.train import init_from
-from mxfp8.train.config import LossScaleMode, ModelSection, TrainConfig
-from mxfp8.train.data import PreparedData, eval_batches, prepare_data, require_tokens
-from mxfp8.train.fields import ConfigError
-from mxfp8.train.model import Transformer
 from mxfp8.train.optim import LossScaler, Schedule, build_optimizer
-from mxfp8.train.resume import ResumeError, check_data_identity
 
 # steps of each process left out of the steady-state throughput: the first compiles the
 # quantizers (tens of seconds on CPU), the second may still meet new shapes

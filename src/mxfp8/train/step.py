@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from mxfp8.data.batches import get_batch
 from mxfp8.layers.step import step_window
 from mxfp8.parallel.wrap import reduce_delayed_amax
-from mxfp8.train.data import get_batch
 from mxfp8.train.optim import clip_gradients
 from mxfp8.train.runlog import peak_mem_mb
 from mxfp8.train.session import Session

@@ -76,7 +76,7 @@ OVERRIDES = {
 
 
 def golden_config(recipe: str, out: str | Path, cache_dir: str | Path = ""):
-    from mxfp8.train.config import load_config
+    from mxfp8.config.train_config import load_config
 
     over = {**OVERRIDES, "recipe.name": recipe, "run.out": str(out)}
     if cache_dir:
@@ -210,7 +210,7 @@ def fingerprint_model(recipe: str):
     import torch
 
     from mxfp8.layers.convert import convert_model
-    from mxfp8.train.model import Transformer
+    from mxfp8.model.transformer import Transformer
 
     cfg = golden_config(recipe, out="unused")
     vocab = OVERRIDES["data.vocab_size"]  # the golden tokenizer's size; only the embedding

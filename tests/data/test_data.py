@@ -12,20 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from mxfp8.data import prepare
+from mxfp8.data import sources as data_sources
+from mxfp8.data.batches import eval_batches, get_batch, require_tokens
+from mxfp8.data.prepare import DataConfig, cache_root, prepare_data, split_document, token_dtype
+from mxfp8.data.sources import DataError
+from mxfp8.data.tokenizer import train_tokenizer
 from mxfp8.errors import UserError
-from mxfp8.train import data, data_sources
-from mxfp8.train.data import (
-    DataConfig,
-    DataError,
-    cache_root,
-    eval_batches,
-    get_batch,
-    prepare_data,
-    require_tokens,
-    split_document,
-    token_dtype,
-)
-from mxfp8.train.tokenizer import train_tokenizer
 
 WORDS = "thou art more lovely and temperate rough winds do shake the darling buds of may".split()
 VOCAB = 300  # small: BPE training stays in the milliseconds
@@ -205,7 +198,7 @@ def test_a_failure_leaves_the_cache_clean_and_the_fixed_input_works(tmp_path):
 def test_leftovers_of_a_killed_preparation_are_removed(txt_file, tmp_path):
     root = tmp_path / "c" / "data"
     root.mkdir(parents=True)
-    host = data._host()
+    host = prepare._host()
     dead = root / f".tmp-x-{host}-999999999-abcd1234"  # above any pid_max: no such process
     alive = root / f".tmp-y-{host}-{os.getppid()}-abcd1234"
     elsewhere = root / ".tmp-z-otherhost-999999999-abcd1234"  # a shared cache: not ours
@@ -329,7 +322,7 @@ def require_dist(name: str, hint: str) -> None:
 
 @pytest.fixture(scope="session")
 def builtin_cache(data_cache):
-    """The session's prepared Shakespeare (tests/train/conftest.py): tokenized once per run."""
+    """The session's prepared Shakespeare (tests/conftest.py): tokenized once per run."""
     return data_cache
 
 

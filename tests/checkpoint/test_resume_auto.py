@@ -8,14 +8,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_resume import cli_args, exact, small, tree_digest
 
+from mxfp8 import checkpoint as ckpt
 from mxfp8.cli.main import main
-from mxfp8.train import checkpoint as ckpt
-from mxfp8.train.config import ConfigError, TrainConfig, load_config
+from mxfp8.config.fields import ConfigError
+from mxfp8.config.train_config import TrainConfig, load_config
 from mxfp8.train.golden import torch_threads
 from mxfp8.train.loop import train
 from mxfp8.train.runlog import read_metrics
+from run_helpers import cli_args, exact, kill_harness, small, tree_digest
 
 
 @pytest.fixture(autouse=True)
@@ -162,7 +163,7 @@ def test_a_run_started_from_init_from_is_recognised(tmp_path):
     """With run.init_from the start takes the model shape and the tokenizer from that
     directory and writes them into config.toml; the same command, which leaves them to it,
     is the same run (and any other change is still refused)."""
-    from mxfp8.train.resume import ResumeError, find_start
+    from mxfp8.checkpoint.resume import ResumeError, find_start
 
     src = str(tmp_path / "llama")
     command = {"run.init_from": src, "run.steps": 4, "run.resume": "auto"}
@@ -187,9 +188,8 @@ def test_kill_9_during_start_up_then_the_same_command(tmp_path):
     minute (two reference runs, then the chain); `make test` runs the harness's 3-kill test
     (tests/train/test_preempt.py, 30 % of its kills in start-up) and the in-process cases
     above."""
-    from test_preempt import _harness
 
-    tally = _harness().run_harness(2, seed=5, steps=3, workdir=tmp_path, say=lambda _: None,
+    tally = kill_harness().run_harness(2, seed=5, steps=3, workdir=tmp_path, say=lambda _: None,
                                    startup_share=1.0)  # fmt: skip
     assert tally.ok(2), tally
     assert tally.startup >= 1, tally.phases

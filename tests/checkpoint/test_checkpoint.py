@@ -17,7 +17,8 @@ import pytest
 import torch
 from torch import nn
 
-from mxfp8.train import checkpoint as ckpt
+from mxfp8 import checkpoint as ckpt
+from mxfp8.checkpoint import write as ckpt_write  # what the writer looks its helpers up in
 
 
 class Tied(nn.Module):
@@ -62,7 +63,7 @@ def test_failed_write_leaves_previous_checkpoints(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt.torch, "save", boom)
+    monkeypatch.setattr(ckpt_write.torch, "save", boom)
     with pytest.raises(OSError):
         ckpt.save_checkpoint(tmp_path, 2, model=m, state={}, config_toml="", keep_last=1)
     # the half-written directory is not a checkpoint, and the old one was not pruned
@@ -173,7 +174,7 @@ def test_latest_intact_checkpoint_skips_damaged_newer_ones(tmp_path, caplog):
     (root / "step_0000002" / "manifest.json").unlink()
     state = root / "step_0000003" / "state.pt"
     state.write_bytes(state.read_bytes()[:10])
-    with caplog.at_level(logging.INFO, logger="mxfp8.train.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="mxfp8.checkpoint"):
         latest, skipped = ckpt.latest_intact_checkpoint(tmp_path)
     assert latest == root / "step_0000001"
     assert [p.name for p, _ in skipped] == ["step_0000003", "step_0000002"]
@@ -274,7 +275,7 @@ def _crash_at_replace(monkeypatch, n):
             raise _Killed
         return real(src, dst)
 
-    monkeypatch.setattr(ckpt.os, "replace", replace)
+    monkeypatch.setattr(ckpt_write.os, "replace", replace)
     return calls
 
 
@@ -332,7 +333,7 @@ def test_failed_rename_of_a_resave_puts_the_old_checkpoint_back(tmp_path, monkey
             raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
         return real(src, dst)
 
-    monkeypatch.setattr(ckpt.os, "replace", replace)
+    monkeypatch.setattr(ckpt_write.os, "replace", replace)
     with pytest.raises(ckpt.CheckpointWriteError, match="step_0000003"):
         _save(tmp_path, 3, v=2)
     monkeypatch.undo()
@@ -362,7 +363,7 @@ def _torch_disk_full(*args, **kwargs):  # what torch.save raises on a full disk
 )
 def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch, target, fake, file, why):
     prev = _save(tmp_path, 1, keep_last=1, v=1)
-    owner, attr = (ckpt.torch, "save") if target == "torch.save" else (ckpt, target)
+    owner, attr = (ckpt_write.torch, "save") if target == "torch.save" else (ckpt_write, target)
     monkeypatch.setattr(owner, attr, fake)
     root = tmp_path / "checkpoints"
     with pytest.raises(ckpt.CheckpointWriteError) as info:

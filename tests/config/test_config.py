@@ -6,14 +6,9 @@ import dataclasses
 
 import pytest
 
-from mxfp8.train.config import (
-    ConfigError,
-    LossScaleMode,
-    ScheduleKind,
-    TrainConfig,
-    config_keys,
-    load_config,
-)
+from mxfp8.config.fields import ConfigError
+from mxfp8.config.sections import LossScaleMode, ScheduleKind
+from mxfp8.config.train_config import TrainConfig, config_keys, load_config
 
 
 def test_defaults_are_the_main_job():

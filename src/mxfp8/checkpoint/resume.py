@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mxfp8.train import checkpoint as ckpt
-from mxfp8.train.config import ModelSection, TrainConfig, load_config
-from mxfp8.train.fields import ConfigError
+from mxfp8 import checkpoint as ckpt
+from mxfp8.config.fields import ConfigError
+from mxfp8.config.train_config import ModelSection, TrainConfig, load_config
 
 AUTO = "auto"  # run.resume = "auto": start, continue or refuse (see the module docstring)
 CONFIG_TOML = "config.toml"
@@ -229,7 +229,7 @@ class StartPoint:
 def find_start(cfg: TrainConfig, run_dir: Path) -> StartPoint:
     """Decide where ``cfg`` starts in ``run_dir`` (see the module docstring); may raise
     :class:`ResumeError`. Changes nothing on disk but crash leftovers (see
-    :func:`mxfp8.train.checkpoint.recover`)."""
+    :func:`mxfp8.checkpoint.write.recover`)."""
     run = cfg.run
     if run.resume == AUTO:
         return _find_start_auto(cfg, run_dir)

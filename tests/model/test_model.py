@@ -10,15 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mxfp8.train.model import (
-    MODEL_PRESETS,
-    ActivationCheckpointing,
-    ModelConfig,
-    Transformer,
-    apply_rope,
-    model_config,
-    rope_tables,
-)
+from mxfp8.model.attention import apply_rope, rope_tables
+from mxfp8.model.config import MODEL_PRESETS, ModelConfig, model_config
+from mxfp8.model.transformer import ActivationCheckpointing, Transformer
 
 SMALL = dict(vocab_size=96, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96)
 

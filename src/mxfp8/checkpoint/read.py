@@ -1,7 +1,7 @@
 """Reading checkpoints: ``state.pt`` (never running code from it), the weights of either
-layout, and the RNG state. :mod:`mxfp8.train.checkpoint` re-exports everything here.
+layout, and the RNG state. :mod:`mxfp8.checkpoint` exports everything here.
 
-Two layouts share one manifest (:mod:`mxfp8.train.manifest`): a single-process checkpoint
+Two layouts share one manifest (:mod:`mxfp8.checkpoint.manifest`): a single-process checkpoint
 holds ``model.safetensors`` (the optimizer state is in ``state.pt``); a distributed one holds
 the DCP shards of the model and optimizer (``.metadata`` plus ``__R_0.distcp`` files,
 :mod:`mxfp8.parallel.dcp`), and at the end of a run also the consolidated
@@ -19,8 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model
 from torch import nn
 
-from mxfp8.errors import UserError
-from mxfp8.train.manifest import (
+from mxfp8.checkpoint.manifest import (
     DCP_METADATA,
     STATE_FILE,
     WEIGHTS_FILE,
@@ -144,30 +143,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# --- which checkpoint a command means -------------------------------------------------------
-
-
-def find_checkpoint(path: Path, step: int | None) -> Path:
-    """The checkpoint directory meant by ``path`` (and ``--step``), verified."""
-    from mxfp8.train import checkpoint as ckpt  # it imports this module
-
-    if (path / ckpt.MANIFEST_FILE).is_file() or (path / ckpt.STATE_FILE).is_file():
-        if step is not None:
-            raise UserError(f"{path} is a checkpoint directory: --step applies to a run directory")
-        ckpt.verify_checkpoint(path)
-        return path
-    if step is not None:
-        found = Path(path) / ckpt.CHECKPOINT_DIR / ckpt.step_dir_name(step)
-        if not found.is_dir():
-            have = [p.name for p in ckpt.list_checkpoints(path)]
-            raise UserError(f"{path} has no checkpoint of step {step} (it has: "
-                            f"{', '.join(have) or 'none'})")  # fmt: skip
-        ckpt.verify_checkpoint(found)
-        return found
-    found, skipped = ckpt.latest_intact_checkpoint(path)
-    if found is None:
-        why = f" ({len(skipped)} damaged)" if skipped else ""
-        raise UserError(f"{path}: no intact checkpoint{why}: not a run directory with checkpoints")
-    return found

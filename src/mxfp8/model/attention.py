@@ -16,7 +16,7 @@ from torch import nn
 from mxfp8.layers.attention_bmm import bmm_specs, mx_attention
 
 if TYPE_CHECKING:
-    from mxfp8.train.model import ModelConfig
+    from mxfp8.model.config import ModelConfig
 
 
 def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,18 +2,42 @@
 
 Each field carries its help text (``opt(default, help)``); ``mxfp8 train --help`` and the
 TOML files are generated from these classes. They are re-exported by
-:mod:`mxfp8.train.config`, which composes them into ``TrainConfig``.
+:mod:`mxfp8.config.train_config`, which composes them into ``TrainConfig``.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from mxfp8.config.fields import ConfigError, opt
+from mxfp8.model.transformer import ActivationCheckpointing
 from mxfp8.parallel.env import Backend, ParallelMode, ParamDtype
-from mxfp8.train.fields import ConfigError, opt
-from mxfp8.train.model import ActivationCheckpointing
-from mxfp8.train.optim import LossScaleMode, ScheduleKind
+
+
+class ScheduleKind(enum.StrEnum):
+    """Learning-rate schedule, as a multiplier m(s) of the peak lr at step s (0-based).
+
+    - ``warmup-cosine``: m = (s+1)/W during warmup, then
+      r + (1-r) * (1 + cos(pi * p)) / 2 with p the fraction of the post-warmup steps done
+      and r = ``min_lr_ratio``.
+    - ``constant``: linear warmup, then m = 1.
+    - ``wsd`` (warmup-stable-decay): warmup, m = 1, then a linear decay to r over the last
+      ``decay_fraction`` of the run.
+    """
+
+    WARMUP_COSINE = "warmup-cosine"
+    CONSTANT = "constant"
+    WSD = "wsd"
+
+
+class LossScaleMode(enum.StrEnum):
+    """Dynamic loss scaling: ``auto`` (on when the recipe needs it), ``on`` or ``off``."""
+
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mxfp8.errors import UserError
-from mxfp8.train.tokenizer import (
+from mxfp8.data.tokenizer import (
     EOT,
     encode_texts,
     eot_id,
@@ -14,6 +13,7 @@ from mxfp8.train.tokenizer import (
     split_long,
     train_tokenizer,
 )
+from mxfp8.errors import UserError
 
 CORPUS = [
     "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n",
