@@ -51,12 +51,12 @@ def test_crossings_name_the_first_threshold_crossed():
 
 
 def test_the_weight_gradients_output_gradient_may_underflow_by_default():
-    """What a healthy mxfp8 run shows (docs/recipes.md, 5 seeds): up to 35 % of the wgrad
-    grad_output flushed at 30.5 dB SQNR, every other operand under 0.3 %. That is no reason to
+    """What a healthy mxfp8 run shows (docs/recipes.md, 5 seeds): up to 39 % of the wgrad
+    grad_output flushed at 30.3 dB SQNR, every other operand under 0.3 %. That is no reason to
     switch; the same share on an activation is (a run destabilized by a high lr: 30-40 %)."""
     r = recipe("mxfp8-adaptive")
     assert r.adaptive_underflow_ignore == ("wgrad/grad_output",)
-    healthy = [_row("a", gemm="wgrad", operand="grad_output", underflow_pct=35.2, sqnr_db=30.5),
+    healthy = [_row("a", gemm="wgrad", operand="grad_output", underflow_pct=38.9, sqnr_db=30.3),
                _row("b", gemm="dgrad", operand="grad_output", underflow_pct=0.21)]  # fmt: skip
     assert crossings(healthy, r) == {}
     unstable = [_row("c", gemm="fprop", operand="input", underflow_pct=30.5, sqnr_db=30.0)]
