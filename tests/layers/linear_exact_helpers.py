@@ -1,6 +1,7 @@
-"""The operands and the explicit reference of the bit-exact MXLinear tests
-(``test_linear_exact.py``, ``test_wgrad_hp_and_tiles.py``): permutation and dense operands
-whose GEMMs are exact whatever the accumulation order (see ``test_linear_exact.py``)."""
+"""The operands and the explicit reference of the bit-exact layer tests
+(``test_linear_exact.py``, ``test_wgrad_hp_and_tiles.py``, and the operand generators for
+``test_rowwise_linear.py``): permutation and dense operands whose GEMMs are exact whatever the
+accumulation order (see ``test_linear_exact.py``)."""
 
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from linear_exact_helpers import S, _dense, _perm
 
 import mxfp8
 from mxfp8.layers.linear import MXLinear
@@ -25,25 +26,7 @@ from mxfp8.stats.operand_stats import finalize, operand_stats
 from mxfp8.stats.telemetry import TelemetryCollector
 
 RECIPES = ["fp8-rowwise", "fp8-rowwise-gw-hp"]
-S = 64  # M = N = K, so permutation operands are square
 D = torch.float64
-
-
-def _perm(seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(S, generator=g)
-    vals = torch.exp2(torch.randint(-3, 4, (S,), generator=g).float())
-    vals = vals * (torch.randint(0, 2, (S,), generator=g).float() * 2 - 1)
-    p = torch.zeros(S, S)
-    p[torch.arange(S), idx] = vals
-    return p
-
-
-def _dense(seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    mag = torch.exp2(torch.randint(-32, 5, (S, S), generator=g).float())
-    # bf16-representable, so that the bf16 gradient autocast hands back is the same tensor
-    return (torch.randn(S, S, generator=g) * mag).bfloat16().float()
 
 
 def _q(t: torch.Tensor, r, gemm: str, operand: str, dim: int) -> torch.Tensor:
