@@ -29,7 +29,7 @@ class Loaded:
     home: Path  # the run directory, or the model directory: where eval.json goes
     # the resolved recipe the model runs under (its autocast, its quantized layers): the
     # run's own (overrides, kept blocks, changed fields) unless --recipe named another
-    run_recipe: Recipe | None = None
+    run_recipe: Recipe
     # layers the run had switched to bf16 by that checkpoint (mxfp8-adaptive), re-applied
     precision_switches: dict[str, Any] = field(default_factory=dict)
     runs_recipe: bool = True  # False when --recipe replaced the run's
@@ -37,8 +37,7 @@ class Loaded:
     def recipe_record(self) -> dict[str, Any]:
         """How eval.json records what the model ran under: the name, every resolved field,
         whether it is the run's own recipe, and the layers switched to bf16."""
-        rec = self.run_recipe or named_recipe(self.recipe)
-        return {"recipe": self.recipe, "recipe_fields": rec.to_dict(),
+        return {"recipe": self.recipe, "recipe_fields": self.run_recipe.to_dict(),
                 "recipe_is_the_runs": self.runs_recipe,
                 "precision_switches": sorted(self.precision_switches)}  # fmt: skip
 
@@ -94,8 +93,8 @@ def open_model(path: str | Path, *, step: int | None = None, recipe: str | None 
     if rec.quantizes_any:
         model = convert_model(model, rec)
     load_layer_state(model, state)
-    return Loaded(model.eval(), tok, recipe or trained, source, run_config, tok_path, home,
-                  run_recipe=rec, precision_switches=precision_state_dict(model),
+    return Loaded(model.eval(), tok, recipe or trained, source, run_config, tok_path, home, rec,
+                  precision_switches=precision_state_dict(model),
                   runs_recipe=recipe is None)  # fmt: skip
 
 
