@@ -16,7 +16,6 @@ import torch
 from mxfp8.layers.linear import MXLinear
 from mxfp8.layers.recipe import recipe
 from mxfp8.layers.step import step_window
-from mxfp8.numerics.backends import triton_available
 
 M, K, N = 64, 64, 64  # one shape for x and dy: one compile of the shared kernel
 
@@ -136,10 +135,7 @@ def test_compiled_weight_pair_cached_across_micro_batches():
     [
         # the CUDA default (Inductor's fused kernel), run here on CPU tensors
         "inductor",
-        pytest.param(
-            "triton",
-            marks=pytest.mark.skipif(not triton_available(), reason="triton is not installed"),
-        ),
+        "triton",  # a dev extra: tests/test_dev_extras.py fails without it
     ],
 )
 def test_layer_with_a_chosen_kernel_bit_identical(pair_calls, kernel):
