@@ -26,8 +26,12 @@ quantizer compilation and the lazily created optimizer states are not the step's
 Targets (the memory issue), printed as a reminder: mxfp8 peak <= 0.85x bf16; linear-layer saved
 bytes <= 0.6x bf16; mxfp8 with block checkpointing peak <= 0.75x bf16 without checkpointing.
 
-Usage: python benchmarks/memory.py [--configs bf16,mxfp8,mxfp8+ac] [--threads N] [--json FILE]
-           [--d-model 1024 --layers 4 --ffn 2816 --batch 16 --seq 256] [--eager-quantize]
+Usage: python benchmarks/memory.py [--configs bf16,mxfp8,mxfp8+ac,mxfp8+chunk] [--threads N]
+           [--json FILE] [--d-model 1024 --layers 4 --ffn 2816 --batch 16 --seq 256]
+           [--vocab 4096] [--loss-chunk 1024] [--eager-quantize]
+
+A configuration is a recipe name with suffixes: ``+ac`` (block activation checkpointing),
+``+chunk`` (the LM head and loss in chunks of ``--loss-chunk`` tokens: ``run.loss_chunk``).
 """
 
 from __future__ import annotations
@@ -91,6 +95,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     rec = mxfp8.recipe(spec["recipe"])
     if rec.quantized:
         model = convert_model(model, rec, compile_quantize=spec["compile_quantize"])
+    model.set_loss_chunk(spec["loss_chunk"])
     saved = SavedTensors(model)
     if spec["ac"] != "none":
         saved.watch_inputs(enable_checkpointing(model, spec["ac"]))
@@ -268,6 +273,9 @@ def main() -> None:
     ap.add_argument("--ffn", type=int, default=DEFAULTS["ffn"], help="SwiGLU hidden width")
     ap.add_argument("--heads", type=int, default=DEFAULTS["heads"])
     ap.add_argument("--kv-heads", type=int, default=DEFAULTS["kv_heads"])
+    ap.add_argument("--vocab", type=int, default=model_config("tiny").vocab_size)
+    ap.add_argument("--loss-chunk", type=int, default=1024, help="tokens per chunk of the LM "
+                    "head and loss in the '+chunk' configurations (run.loss_chunk)")  # fmt: skip
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument(
@@ -293,6 +301,7 @@ def main() -> None:
         "ffn_hidden": args.ffn,
         "n_heads": args.heads,
         "n_kv_heads": args.kv_heads,
+        "vocab_size": args.vocab,
     }
     if args.seq > model_config("tiny").max_seq_len:
         overrides["max_seq_len"] = args.seq
@@ -305,7 +314,7 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {args.threads} threads per child, device {device}")
     print(f"model: d_model {args.d_model}, {args.layers} layers, ffn {args.ffn}, heads "
-          f"{args.heads}/{args.kv_heads} kv, vocab {model_config('tiny').vocab_size}: "
+          f"{args.heads}/{args.kv_heads} kv, vocab {args.vocab}: "
           f"{n_params / 1e6:.1f} M parameters; batch {args.batch} x seq {args.seq}; bf16 "
           f"autocast, eager model, MX quantizers "
           f"{'eager' if args.eager_quantize else 'compiled'}")  # fmt: skip
@@ -316,7 +325,11 @@ def main() -> None:
     results: dict[str, dict[str, Any]] = {}
     failures: dict[str, str] = {}
     for name in names:
-        rec, ac = (name[: -len(AC_SUFFIX)], "block") if name.endswith(AC_SUFFIX) else (name, "none")
+        rec, *flags = name.split("+")
+        unknown = set(flags) - {"ac", "chunk"}
+        if unknown:
+            raise SystemExit(f"unknown suffix {sorted(unknown)} in --configs {name!r}: +ac, +chunk")
+        ac = "block" if "ac" in flags else "none"
         if rec not in mxfp8.list_recipes():
             known = ", ".join(mxfp8.list_recipes())
             raise SystemExit(f"unknown recipe {rec!r} in --configs; recipes: {known}")
@@ -333,6 +346,7 @@ def main() -> None:
             "device": device,
             "compile_quantize": not args.eager_quantize,
             "seed": args.seed,
+            "loss_chunk": args.loss_chunk if "chunk" in flags else 0,
         }
         t0 = time.perf_counter()
         out = run_child(spec)

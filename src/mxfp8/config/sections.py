@@ -204,6 +204,13 @@ class RunConfig:
         "block for roughly one more forward pass of compute; results are bit-identical "
         "(not available with run.compile)",
     )
+    loss_chunk: int = opt(
+        0,
+        "compute the LM head and the loss of each training micro-batch this many tokens at a "
+        "time, so the [tokens, vocab] fp32 logits and their gradient never exist whole (0 = "
+        "all at once); the same loss and gradients up to the rounding of the head's GEMMs "
+        "(docs/performance.md); evaluation computes them at once",
+    )
     init_from: str = opt(
         "",
         "start from the weights of a Llama directory (an `mxfp8 export`, or transformers' "
@@ -251,7 +258,7 @@ class RunConfig:
                 "run; turn one of them off"
             )
         for name in ("tokens_per_step", "stop_after", "eval_every", "ckpt_every",
-                     "telemetry_every", "max_nonfinite_steps"):  # fmt: skip
+                     "telemetry_every", "max_nonfinite_steps", "loss_chunk"):  # fmt: skip
             _check(getattr(self, name) >= 0, f"run.{name} must be >= 0", getattr(self, name))
         if self.tokens_per_step:
             per_micro = self.batch_size * self.seq_len

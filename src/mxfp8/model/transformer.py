@@ -48,6 +48,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mxfp8.layers.recompute import recomputing
 from mxfp8.model.attention import Attention, KVCache, rope_tables
+from mxfp8.model.chunked_loss import chunked_cross_entropy
 from mxfp8.model.config import ModelConfig
 
 
@@ -137,6 +138,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         # how training forwards trade compute for memory; not a shape property, so not in cfg
         self.activation_checkpointing = ActivationCheckpointing.NONE
+        self.loss_chunk = 0  # tokens per chunk of the LM head and loss in training (0: all)
         self.init_weights()
 
     def set_activation_checkpointing(self, mode: ActivationCheckpointing | str) -> Transformer:
@@ -147,6 +149,16 @@ class Transformer(nn.Module):
         time. Not part of the state dict: it changes memory and time, never the numbers.
         """
         self.activation_checkpointing = ActivationCheckpointing.parse(mode)
+        return self
+
+    def set_loss_chunk(self, tokens: int) -> Transformer:
+        """Compute the LM head and the loss of training forwards (grad enabled, targets given)
+        ``tokens`` rows at a time, so the [tokens, vocab] logits never exist whole
+        (:mod:`mxfp8.model.chunked_loss`); 0 computes them at once. Such a forward returns no
+        logits. Evaluation forwards (no grad) always compute them at once. Returns self."""
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise ValueError(f"loss_chunk must be an int >= 0, got {tokens!r}")
+        self.loss_chunk = tokens
         return self
 
     @torch.no_grad()
@@ -182,12 +194,14 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         *,
         cache: KVCache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx, targets: LongTensor [B, T]. Returns (logits [B, T, vocab], loss or None).
 
         The loss is the mean cross-entropy over all positions, computed in fp32 whatever the
         autocast dtype of the logits. ``cache`` (inference): ``idx`` continues the cached
-        positions, whose keys and values are reused (see :class:`KVCache`).
+        positions, whose keys and values are reused (see :class:`KVCache`). With
+        :meth:`set_loss_chunk`, a training forward returns ``(None, loss)``: the logits are
+        never built whole.
         """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
@@ -220,7 +234,13 @@ class Transformer(nn.Module):
                 )
         if cache is not None:
             cache.pos = start + T
-        logits = self.output(self.norm(x))
+        h = self.norm(x)
+        # the head chunked only where it is a plain linear (a recipe may have converted it)
+        if (targets is not None and self.loss_chunk and torch.is_grad_enabled()
+                and type(self.output) is nn.Linear):  # fmt: skip
+            return None, chunked_cross_entropy(h.reshape(B * T, -1), self.output.weight,
+                                               targets.reshape(B * T), self.loss_chunk)  # fmt: skip
+        logits = self.output(h)
         loss = None
         if targets is not None:
             # [B, T, V] -> [B*T, V]: one next-token prediction per row

@@ -323,6 +323,7 @@ def build(cfg: TrainConfig, run_dir: Path, say, *, fresh: bool = True) -> Sessio
     # on the model that will run, i.e. after the conversion (in place: the blocks the
     # Transformer checkpoints at each forward are the converted ones)
     model.set_activation_checkpointing(run.activation_checkpointing)
+    model.set_loss_chunk(run.loss_chunk)
     report = getattr(model, "mxfp8_report", None)
     n_mx = len(report.converted) if report is not None else 0
     ac = "" if run.activation_checkpointing == "none" else "; activation checkpointing: block"
