@@ -5,6 +5,11 @@ One step is what the training loop does (:func:`mxfp8.train.step.run_step`, one 
 inside a step window, forward under bf16 autocast and backward; then gradient clipping,
 AdamW on the fp32 master weights and ``zero_grad(set_to_none=True)``. Per configuration:
 
+- live tensor bytes at the step's peak, in total and by kind (parameters, gradients,
+  activations, backward temporaries, optimizer states), counted exactly by torch's
+  ``MemTracker`` over a further step (``memory_probe.live_peak``): the figure
+  ``max_memory_allocated`` gives on a GPU, free of the runtime and allocator slack that a
+  CPU's RSS carries;
 - peak memory of the step: on CPU the process's peak RSS over the step (VmHWM, reset just
   before it through ``/proc/self/clear_refs``), on CUDA ``max_memory_allocated``;
 - bytes saved for backward (``saved_tensors_hooks`` around the forward), for the whole step and
@@ -49,7 +54,14 @@ import torch
 from torch import nn
 
 import mxfp8
-from memory_probe import MIB, MemoryProbe, SavedTensors, nbytes, scratch_bytes
+from memory_probe import (
+    MemoryProbe,
+    SavedTensors,
+    live_peak,
+    nbytes,
+    scratch_bytes,
+)
+from memory_tables import AC_SUFFIX, print_tables, print_targets
 from mxfp8.config.sections import OptimConfig
 from mxfp8.layers.convert import convert_model
 from mxfp8.layers.linear import MXLinear
@@ -59,14 +71,8 @@ from mxfp8.model.transformer import Transformer
 from mxfp8.train.optim import build_optimizer, clip_gradients
 
 RESULT_TAG = "MEMORY-RESULT "  # the child's JSON line; anything else it prints is ignored
-AC_SUFFIX = "+ac"  # config name suffix: block activation checkpointing
 # shape of the d_model-1024 model of benchmarks/train_step.py ("wide"), 4 layers: ~49 M params
 DEFAULTS = {"d_model": 1024, "layers": 4, "ffn": 2816, "heads": 8, "kv_heads": 2}
-TARGETS = (
-    ("peak", "mxfp8", 0.85, "mxfp8 peak / bf16 peak"),
-    ("linear_saved", "mxfp8", 0.60, "mxfp8 linear-layer saved bytes / bf16"),
-    ("peak", "mxfp8" + AC_SUFFIX, 0.75, "mxfp8+ac peak / bf16 peak (no checkpointing)"),
-)
 
 
 # --- memory probes --------------------------------------------------------------------------
@@ -133,6 +139,15 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     peak = probe.peak()
     after = probe.current()
+    # a third step, under torch's MemTracker, whose dispatch mode torch.compile refuses: the
+    # tracked step quantizes eagerly (the same bits; the eager kernel's temporaries are
+    # larger than the compiled one's, so this live peak bounds the compiled run's from above)
+    for m in mx_layers:
+        m.compile_quantize = False
+    try:
+        live = live_peak(step, model, opt)
+    except Exception as e:  # noqa: BLE001 - reported, the other figures stand
+        live = {"total": None, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
     weights, adamw = nbytes(list(params)), nbytes(list(opt.state.values()))
     # what the process holds at the step's start beyond the weights, the AdamW states and the
     # scratch buffers (gradients are None, caches empty): on CPU the torch runtime, compiled
@@ -145,6 +160,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "peak": peak,
         "net_peak": peak - runtime if runtime is not None else None,
         "peak_method": probe.method,
+        "live_peak": live["total"],
+        "live": live,
         **saved.totals(),
         "resident_after": after,
         "resident_before": before,
@@ -182,80 +199,6 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any] | str:
             return json.loads(line[len(RESULT_TAG) :])
     tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
     return f"failed (exit {proc.returncode}): {tail[:160]}"
-
-
-def _mib(n: int | None) -> str:
-    return f"{n / MIB:9.1f}" if n is not None else f"{'-':>9}"
-
-
-def _ratio(n: int | None, ref: int | None) -> str:
-    return f"{n / ref:5.2f}" if n is not None and ref else f"{'-':>5}"
-
-
-COLUMNS = (
-    ("peak", "peak"),
-    ("net_peak", "net peak"),
-    ("saved", "saved"),
-    ("linear_saved", "lin saved"),
-    ("block_linear_saved", "blk saved"),
-    ("resident_after", "resident"),
-)
-
-
-def print_tables(results: dict[str, dict[str, Any]], ref: dict[str, Any] | None) -> None:
-    print("\nMiB, and x bf16 (no checkpointing). net peak: the peak less what the process held at")
-    print("the step's start besides weights, AdamW states and MX scratch (the runtime; on CPU")
-    print("~the torch libraries and compiled kernels). saved: bytes saved for backward by the")
-    print("(first) forward; lin: inside nn.Linear/MXLinear forwards; blk: the block linears (the")
-    print("ones MX converts, no LM head). resident: after optimizer.step and zero_grad")
-    head = f"{'config':<20}" + "".join(f" {title:>9} {'x':>5}" for _, title in COLUMNS)
-    print(head)
-    for name, r in results.items():
-        cells = "".join(
-            f" {_mib(r[k])} {_ratio(r[k], ref[k] if ref else None)}" for k, _ in COLUMNS
-        )
-        print(f"{name:<20}{cells}")
-    methods = {r["peak_method"] for r in results.values()}
-    print(f"peak measured by: {', '.join(sorted(methods))}")
-
-    shown = [n for n, r in results.items() if r["recipe"] in ("bf16", "mxfp8")]
-    if not shown:
-        return
-    rows = (
-        ("weights", "weights (fp32 master)"),
-        ("gradients", "gradients"),
-        ("adamw_states", "AdamW states"),
-        ("saved_activations", "saved activations"),
-        ("caches", "MX weight caches"),
-        ("scratch", "MX scratch buffers"),
-        ("runtime", "runtime at step start"),
-    )
-    print("\nHow the peak divides (MiB). Caches: the MX weight operands, after the forward;")
-    print("runtime: as for the net peak; the rest: transients at the peak and allocator slack")
-    print("(negative where the parts above are not all live at the peak)")
-    print(f"{'':<24}" + "".join(f" {n:>12}" for n in shown))
-    for key, label in rows:
-        cells = "".join(f" {_mib(results[n]['breakdown'][key]):>12}" for n in shown)
-        print(f"{label:<24}{cells}")
-    cells = "".join(f" {_mib(results[n]['baseline']):>12}" for n in shown)
-    print(f"{'  of which before model':<24}{cells}")
-    rest = []
-    for n in shown:
-        parts = results[n]["breakdown"].values()
-        known = None if None in parts else sum(parts)
-        rest.append(f" {_mib(None if known is None else results[n]['peak'] - known):>12}")
-    print(f"{'rest of the peak':<24}{''.join(rest)}")
-    print(f"{'peak':<24}" + "".join(f" {_mib(results[n]['peak']):>12}" for n in shown))
-
-
-def print_targets(results: dict[str, dict[str, Any]], ref: dict[str, Any] | None) -> None:
-    print("\nTargets (a reminder, not a test):")
-    for key, name, target, label in TARGETS:
-        r = results.get(name)
-        got = f"{r[key] / ref[key]:.2f}x" if r and ref and ref[key] else "not measured"
-        if key == "peak" and r and ref and r["net_peak"] and ref["net_peak"]:
-            got += f" (net peak {r['net_peak'] / ref['net_peak']:.2f}x)"
-        print(f"  {label:<46} {got:>26}   target <= {target:.2f}x")
 
 
 def main() -> None:

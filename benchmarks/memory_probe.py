@@ -221,3 +221,26 @@ def scratch_bytes(layers: list[MXLinear]) -> int:
     except ImportError:
         return total
     return total + pool_nbytes()
+
+
+LIVE_KINDS = ("Parameter", "Buffer", "Gradient", "Activation", "Temp", "Optstate", "Other")
+
+
+def live_peak(step, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Live tensor bytes at the peak of one ``step()``, in total and by kind (parameters,
+    buffers, gradients, activations, temporaries, optimizer states), counted by torch's
+    ``MemTracker`` (``torch.distributed._tools.mem_tracker``: a TorchDispatchMode that follows
+    every storage from its creation until it is freed): what ``max_memory_allocated`` reports
+    on a GPU, without the allocator's slack and the runtime that peak RSS carries on CPU."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    tracker.track_external(model, optimizer)
+    with tracker:
+        step()
+    (by_kind,) = tracker.get_tracker_snapshot("peak").values()  # one device
+    out = {"total": int(by_kind["Total"])}
+    for kind, nbytes_ in by_kind.items():
+        if kind != "Total":
+            out[str(getattr(kind, "value", kind))] = int(nbytes_)
+    return out
