@@ -30,7 +30,8 @@ def full_split_losses(cmp: Path) -> tuple[dict[str, dict[int, float]], list[str]
     with the reason), over the completed seed runs of the comparison ``cmp``."""
     from mxfp8.checkpoint.write import CHECKPOINT_DIR, step_dir_name
     from mxfp8.config.train_config import load_config
-    from mxfp8.report.eval_entries import run_split, whole_split_loss
+    from mxfp8.interop.source import run_split
+    from mxfp8.report.eval_entries import whole_split_loss
     from mxfp8.report.loader import load_runs
     from mxfp8.report.stats import is_complete
 

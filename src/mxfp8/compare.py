@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mxfp8.checkpoint.resume import config_changes, describe_changes
+from mxfp8.checkpoint.resume import config_changes, describe_changes, step_of
 from mxfp8.config.fields import ConfigError
 from mxfp8.config.train_config import TrainConfig, load_config
 from mxfp8.fileio import write_text_atomically
@@ -47,7 +47,6 @@ from mxfp8.report.eval_entries import (
     checkpoint_names,
     is_full_task_result,
     of_checkpoint,
-    run_split,
 )
 from mxfp8.report.html import write_report
 from mxfp8.report.loader import (
@@ -345,14 +344,15 @@ def _scored_already(run_dir: Path, specs: str, known: Sequence[dict[str, Any]]) 
     loaded: the tasks are built from the split to count their items (only when some entry
     names the checkpoint)."""
     from mxfp8.checkpoint.find import find_checkpoint
-    from mxfp8.checkpoint.manifest import CONFIG_FILE, MANIFEST_FILE
+    from mxfp8.checkpoint.manifest import CONFIG_FILE
     from mxfp8.data.prepare import prepare_data
     from mxfp8.interop import tasks as mc
+    from mxfp8.interop.source import run_split
 
     if not known:
         return False
     ck = find_checkpoint(run_dir, None)
-    step = json.loads((ck / MANIFEST_FILE).read_text())["step"]
+    step = step_of(ck)  # find_checkpoint verified it: its manifest holds the same step
     cfg = load_config(ck / CONFIG_FILE)
     names = checkpoint_names(ck, step)
     if not any(e.get("source") in names and e.get("recipe") == cfg.recipe.name for e in known):

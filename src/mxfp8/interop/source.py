@@ -119,9 +119,19 @@ def _export_run(checkpoint: Path) -> tuple[Any, dict[str, Any]]:
     return load_config(checkpoint / ckpt.CONFIG_FILE), ckpt.load_state(checkpoint)
 
 
+def run_split(run_config: Any) -> tuple[Any, str]:
+    """(validation token ids, a description of them, as eval.json records it) of the run of
+    ``run_config``: what ``mxfp8 eval RUN`` evaluates on by default."""
+    from mxfp8.data.prepare import prepare_data
+
+    cfg = run_config.data
+    return prepare_data(cfg).val, f"{cfg.source} (the run's validation split)"
+
+
 def eval_split(loaded: Loaded, data: str | None = None):
-    """(validation token ids, a description of them): the run's validation split, or that
-    of the corpus ``data`` tokenized with the model's own tokenizer."""
+    """(validation token ids, a description of them): the run's validation split
+    (:func:`run_split`), or that of the corpus ``data`` tokenized with the model's own
+    tokenizer."""
     import dataclasses
 
     from mxfp8.data.prepare import DataConfig, prepare_data
@@ -130,8 +140,7 @@ def eval_split(loaded: Loaded, data: str | None = None):
         if loaded.run_config is None:
             raise UserError(f"{loaded.source}: no run to take the validation split from: "
                             "pass --data SOURCE")  # fmt: skip
-        cfg = loaded.run_config.data
-        return prepare_data(cfg).val, f"{cfg.source} (the run's validation split)"
+        return run_split(loaded.run_config)
     base = loaded.run_config.data if loaded.run_config is not None else DataConfig()
     cfg = dataclasses.replace(base, source=data, tokenizer=str(loaded.tokenizer_path))
     return prepare_data(cfg).val, f"{data} (validation split)"

@@ -15,19 +15,9 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 COMPARE_NUM_FEWSHOT = 0  # compare scores every task zero-shot, on every item (no --limit)
-
-
-def run_split(cfg: Any) -> tuple[Any, str]:
-    """(validation token ids, eval.json's ``data`` for them) of the run of config ``cfg``
-    (a :class:`~mxfp8.config.train_config.TrainConfig`): what ``mxfp8 eval RUN`` evaluates on, taken
-    from :func:`mxfp8.interop.source.eval_split` itself, which reads only the run's config."""
-    from mxfp8.interop.source import eval_split
-
-    return eval_split(SimpleNamespace(run_config=cfg, source=""))  # type: ignore[arg-type]
 
 
 def checkpoint_names(checkpoint: Path, step: int) -> set[str]:
@@ -48,9 +38,10 @@ def checkpoint_names(checkpoint: Path, step: int) -> set[str]:
 def of_checkpoint(entries: Sequence[dict[str, Any]], *, recipe: str, data: str,
                   checkpoint: Path, step: int) -> list[dict[str, Any]]:  # fmt: skip
     """The entries (oldest first) that evaluated ``checkpoint`` at ``step`` under ``recipe`` on
-    the split ``data`` (eval.json's description of it, see :func:`run_split`); not one that
-    records its recipe as named by ``--recipe`` in place of the run's (``recipe_is_the_runs``
-    false: the run's resolved recipe may differ from the preset of the same name)."""
+    the split ``data`` (eval.json's description of it: :func:`mxfp8.interop.source.run_split`);
+    not one that records its recipe as named by ``--recipe`` in place of the run's
+    (``recipe_is_the_runs`` false: the run's resolved recipe may differ from the preset of the
+    same name)."""
     names = checkpoint_names(checkpoint, step)
     return [e for e in entries if e.get("source") in names and e.get("recipe") == recipe
             and e.get("data") == data and e.get("recipe_is_the_runs") is not False]  # fmt: skip
