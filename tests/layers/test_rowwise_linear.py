@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from linear_exact_helpers import S, _dense, _perm
+from linear_exact_helpers import S, _dense, _perm, _run
 
 import mxfp8
 from mxfp8.layers.linear import MXLinear
@@ -44,18 +44,6 @@ def _ref(x, w, dy, r, dt, axes=(1, 1, 1, 0, 0, 0)):
     else:
         dw = _q(dy, r, "wgrad", "grad_output", adyt).T @ _q(x, r, "wgrad", "input", axt)
     return [t.float().to(dt).float() for t in (y, dx, dw)]
-
-
-def _run(x, w, dy, r, autocast: bool, observer=None):
-    layer = MXLinear(S, S, bias=False, recipe=r)
-    layer.observer = observer
-    with torch.no_grad():
-        layer.weight.copy_(w)
-    xin = x.clone().requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        y = layer(xin.view(2, S // 2, S))  # a leading batch dim: tokens = 2 * 32
-    y.backward(dy.to(y.dtype).view(2, S // 2, S))
-    return y.reshape(S, S), xin.grad, layer.weight.grad
 
 
 CONFIGS = {  # name: (x, w, dy); which outputs are exact (one product per element)
