@@ -20,6 +20,7 @@ FLOORS = {
     "layers": 2,
     "stats": 3,
     "parallel": 3,  # process groups, FSDP2 / DDP wrapping, DCP state: beside the stats
+    "optim": 3,  # AdamW with 8-bit moments, bf16 gradient store: on the numerics only
     "model": 4,  # the transformer, attention, presets, the Llama naming and directories
     "data": 4,  # corpus sources, tokenizer, preparation, batches (beside the model)
     "config": 5,  # the run config: composes the model, data, recipe and parallel settings

@@ -42,6 +42,31 @@ def test_bf16_states_resume_is_bit_identical_and_stays_bf16(tmp_path, data_cache
             assert torch.equal(p[key], q[key])
 
 
+def test_fp8_states_resume_is_bit_identical_and_stays_8_bit(tmp_path, data_cache):
+    over = {"run.steps": 6, "optim.states": "fp8"}
+    train(load_config(None, small(tmp_path / "full", data_cache, **over)))
+    train(load_config(None, small(tmp_path / "part", data_cache, **over, **{"run.stop_after": 3})))
+    resumed = load_config(
+        None, small(tmp_path / "part", data_cache, **over, **{"run.resume": True})
+    )
+    train(resumed)
+    assert exact(read_metrics(tmp_path / "part")) == exact(read_metrics(tmp_path / "full"))
+    a = ckpt.load_state(tmp_path / "full/checkpoints/step_0000006")
+    b = ckpt.load_state(tmp_path / "part/checkpoints/step_0000006")
+    n_8bit = 0
+    for p, q in zip(
+        a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True
+    ):
+        assert p.keys() == q.keys()
+        if "exp_avg_codes" in q:  # the checkpoint holds codes and scales, not fp32 moments
+            n_8bit += 1
+            assert "exp_avg" not in q and "exp_avg_sq" not in q
+            assert all(q[k].dtype == torch.uint8 for k in q if k != "step")
+        for key in p:
+            assert torch.equal(p[key], q[key]), key
+    assert n_8bit >= 4, "the model's matrices must have 8-bit moments"
+
+
 def test_optimizer_load_keeps_bf16_moments():
     from mxfp8.train.optim import AdamWBF16States
 

@@ -26,7 +26,7 @@ class _Cfg:  # duck-typed stand-ins, so these tests do not depend on the config 
 
 def optim_cfg(**kw):
     base = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, decay_embeddings=True,
-                bf16_states=False)  # fmt: skip
+                states="fp32", grad_dtype="fp32")  # fmt: skip
     return _Cfg(**{**base, **kw})
 
 
@@ -170,7 +170,7 @@ def test_bf16_states_track_fp32_adamw():
     ref, low = nn.Linear(16, 16), nn.Linear(16, 16)
     low.load_state_dict(ref.state_dict())
     opt_ref = build_optimizer(ref, optim_cfg())
-    opt_low = build_optimizer(low, optim_cfg(bf16_states=True))
+    opt_low = build_optimizer(low, optim_cfg(states="bf16"))
     x = torch.randn(32, 16)
     for _ in range(5):
         for m, o in ((ref, opt_ref), (low, opt_low)):

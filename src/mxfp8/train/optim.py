@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from mxfp8.config.sections import LossScaleMode, ScheduleKind
+from mxfp8.optim.fp8_states import AdamWFP8States
 
 if TYPE_CHECKING:
     from mxfp8.config.sections import LossScaleConfig, OptimConfig, ScheduleConfig
@@ -104,10 +105,13 @@ class AdamWBF16States(torch.optim.Optimizer):
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW over fp32 master weights (moments in fp32, or bf16 with ``bf16_states``)."""
+    """AdamW over fp32 master weights, moments stored as ``cfg.states`` says: fp32 (torch's
+    AdamW), bf16 (:class:`AdamWBF16States`) or 8-bit MX blocks (:class:`AdamWFP8States`)."""
     groups = param_groups(model, cfg)
-    if cfg.bf16_states:
+    if cfg.states == "bf16":
         return AdamWBF16States(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    if cfg.states == "fp8":
+        return AdamWFP8States(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 

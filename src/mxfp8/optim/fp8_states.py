@@ -1,0 +1,159 @@
+"""AdamW whose moments are stored in 8 bits, MX-blocked: E4M3 codes plus one E8M0 scale per 32.
+
+The moments are quantized with the package's own numerics core (:func:`mxfp8.numerics.quantize`,
+E4M3, the ``rceil`` scale rule, blocks of 32 along the last dim). The first moment ``m`` is
+stored as it is. The second moment ``v`` spans twice the dynamic range of the gradients (it is
+their square), more than one E4M3 block holds: it is stored *companded*, as ``sqrt(v)``, which
+halves its range in log space (benchmarks/optimizer_states.py measures the choice; see
+docs/architecture.md). At each step both are dequantized to fp32, updated with the gradient,
+the fp32 update is applied to the fp32 master weights, and only then are the new moments
+rounded back to 8 bits: the step's own update uses the unrounded moments.
+
+Which parameters get 8-bit moments: matrices (2-D and up) whose last dim is a multiple of 32.
+Everything else (norm gains, biases, odd sizes) keeps fp32 moments: they are a negligible share
+of the state, and vectors would be blocked along the dim FSDP2 shards, where a block could
+straddle two ranks. Under FSDP2 a matrix's blocks run along the last dim while FSDP2 shards
+dim 0, so each rank quantizes its own rows and a block never crosses a shard; the codes and
+scales are then DTensors with the parameter's placements, so DCP saves and reshards them like
+any other optimizer state.
+
+State of one 8-bit parameter: ``step`` (fp32 scalar), ``exp_avg_codes`` / ``exp_avg_scale``
+and ``exp_avg_sq_codes`` / ``exp_avg_sq_scale`` (uint8: E4M3 bit patterns and E8M0 exponent
+bits; ``*_sq_*`` hold sqrt(v)). Stored as uint8 so that neither ``Optimizer.load_state_dict``
+(which casts floating-point state to the parameter's dtype) nor a checkpoint format has to know
+the FP8 dtypes; 1.03 bytes per moment element instead of 4.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mxfp8.numerics.formats import E4M3, ScaleRule
+from mxfp8.numerics.quantize import quantize
+from mxfp8.numerics.tensor import MXTensor
+
+BLOCK = 32
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def blockable(p: torch.Tensor) -> bool:
+    """Whether ``p`` gets 8-bit moments: a matrix whose last dim is a multiple of 32."""
+    return p.dim() >= 2 and p.shape[-1] % BLOCK == 0 and p.numel() > 0
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view of its storage); a plain tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _like(p: torch.Tensor, local: torch.Tensor, global_shape: tuple[int, ...]) -> torch.Tensor:
+    """``local`` as a DTensor laid out like parameter ``p`` (a plain tensor for a plain p)."""
+    if not hasattr(p, "device_mesh"):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    stride = torch.empty(global_shape, device="meta").stride()
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
+                              shape=torch.Size(global_shape), stride=stride)  # fmt: skip
+
+
+def _mx(codes: torch.Tensor, scale: torch.Tensor) -> MXTensor:
+    """The uint8 state tensors as the MXTensor they encode (views, no copy)."""
+    return MXTensor(codes.view(E4M3.torch_dtype), scale.view(torch.float8_e8m0fnu), E4M3,
+                    BLOCK, codes.dim() - 1, ScaleRule.RCEIL)  # fmt: skip
+
+
+def decode(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp32 values of one stored 8-bit moment (local tensors)."""
+    return _mx(codes, scale).dequantize(torch.float32)
+
+
+def encode_(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> None:
+    """Quantize fp32 ``x`` into the existing ``codes`` / ``scale`` buffers (local tensors)."""
+    quantize(x, E4M3, block_size=BLOCK, dim=-1, scale_rule=ScaleRule.RCEIL,
+             out=_mx(codes, scale))  # fmt: skip
+
+
+class _Raw:
+    """Hides a uint8 state tensor from ``Optimizer.load_state_dict``'s cast to fp32 (which
+    would hold every moment at 4 bytes while loading, and lose nothing, but cost memory)."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+
+class AdamWFP8States(torch.optim.Optimizer):
+    """AdamW with 8-bit MX-blocked moments (module doc); math in fp32 on fp32 master weights.
+
+    ``kernel`` names the MX quantization kernel (:mod:`mxfp8.numerics.backends`; None: eager).
+    All kernels give the same bits, so it changes speed, never the result.
+    """
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
+                 kernel: str | None = None):  # fmt: skip
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.kernel = kernel
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        state: dict = {"step": torch.zeros((), dtype=torch.float32)}
+        if not blockable(p):
+            for key in MOMENTS:
+                state[key] = torch.zeros_like(p, dtype=torch.float32)
+            return state
+        local = _local(p)
+        scale_local = (*local.shape[:-1], local.shape[-1] // BLOCK)
+        scale_global = (*p.shape[:-1], p.shape[-1] // BLOCK)
+        for key in MOMENTS:
+            codes = torch.zeros(local.shape, dtype=torch.uint8, device=local.device)
+            scale = torch.zeros(scale_local, dtype=torch.uint8, device=local.device)
+            state[f"{key}_codes"] = _like(p, codes, tuple(p.shape))
+            state[f"{key}_scale"] = _like(p, scale, scale_global)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(self._init_state(p))
+                state["step"] += 1
+                t = state["step"].item()
+                w, g = _local(p), _local(p.grad).float()
+                if "exp_avg" in state:  # fp32 moments (vectors, odd sizes)
+                    m_l = _local(state["exp_avg"]).lerp_(g, 1 - beta1)
+                    v_l = _local(state["exp_avg_sq"]).mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                else:
+                    codes = {k: _local(state[k]) for k in state if k != "step"}
+                    m_l = decode(codes["exp_avg_codes"], codes["exp_avg_scale"])
+                    m_l.lerp_(g, 1 - beta1)
+                    r = decode(codes["exp_avg_sq_codes"], codes["exp_avg_sq_scale"])
+                    v_l = r.mul_(r).mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                    encode_(m_l, codes["exp_avg_codes"], codes["exp_avg_scale"])
+                    encode_(v_l.sqrt(), codes["exp_avg_sq_codes"], codes["exp_avg_sq_scale"])
+                w.mul_(1 - lr * wd)
+                bias1, bias2 = 1 - beta1**t, 1 - beta2**t
+                denom = (v_l / bias2).sqrt_().add_(eps)
+                w.addcdiv_(m_l, denom, value=-lr / bias1)
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load, keeping the codes and scales uint8 (the base class would cast them to the
+        parameter's fp32, which is exact but holds 4 bytes per element while loading)."""
+        raw = {
+            i: {
+                k: _Raw(v) if isinstance(v, torch.Tensor) and v.dtype == torch.uint8 else v
+                for k, v in s.items()
+            }  # fmt: skip
+            for i, s in state_dict["state"].items()
+        }
+        super().load_state_dict({**state_dict, "state": raw})
+        for p, state in self.state.items():
+            for key, value in state.items():
+                if isinstance(value, _Raw):
+                    state[key] = value.t.to(device=p.device)
