@@ -289,6 +289,54 @@ def test_resume_at_another_world_size(tmp_path, data_cache, first, then):
         assert all(torch.equal(rebuilt[k], gathered[k]) for k in gathered)
 
 
+def _dcp_optimizer_dtypes(checkpoint) -> dict[str, torch.dtype]:
+    """Optimizer state entries of a DCP checkpoint (name -> dtype), read from its metadata."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    return {k: m.properties.dtype for k, m in meta.items()
+            if k.startswith("optim.state.") and hasattr(m, "properties")}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("first", "then"), [(1, 2), (2, 2), (2, 1)])
+def test_fp8_states_resume_at_another_world_size(tmp_path, data_cache, first, then):
+    """optim.states = fp8 under FSDP2: the DCP shards hold the 8-bit codes and E8M0 scales of
+    each rank's rows (uint8, no fp32 moment of a matrix), a resume at the same world size is
+    bit-identical, and one at another world size (DCP reshards the codes and scales by rows;
+    1 -> 2 distributes a single-process state dict) continues within the bounds above."""
+    common = _cli_common(data_cache) + ["--run.compile_quantize", "false", "--steps", "4",
+                                        "--optim.states", "fp8"]  # fmt: skip
+    full, part = tmp_path / "full", tmp_path / "part"
+    mxfp8(first, [*common, "--out", str(full)])
+    mxfp8(first, [*common, "--out", str(part), "--stop-after", "2"])
+    if first > 1:
+        dtypes = _dcp_optimizer_dtypes(part / "checkpoints" / "step_0000002")
+        codes = {k: d for k, d in dtypes.items() if k.endswith(("_codes", "_scale"))}
+        assert len(codes) >= 16 and set(codes.values()) == {torch.uint8}, dtypes
+        matrices = {k.rsplit(".", 1)[0] for k in codes}
+        moments = {k.rsplit(".", 1)[0] for k in dtypes if k.endswith((".exp_avg", ".exp_avg_sq"))}
+        assert moments and not matrices & moments  # vectors only keep fp32 moments
+        assert all(dtypes[f"{m}.exp_avg"] == torch.float32 for m in moments)
+    mxfp8(then, ["train", "--resume", "--out", str(part), "--no-report"])
+    got, want = metrics(part), metrics(full)
+    assert [m["step"] for m in got] == [1, 2, 3, 4]
+    keys = ("loss", "grad_norm", "val_loss")
+    if first == then:  # bit-identical
+        assert [[m.get(k) for k in keys] for m in got] == [[m.get(k) for k in keys] for m in want]
+        return
+    assert [[m.get(k) for k in keys] for m in got[:2]] == [[m.get(k) for k in keys]
+                                                           for m in want[:2]]  # fmt: skip
+    rel_loss = _rel([m["loss"] for m in got[2:]], [m["loss"] for m in want[2:]])
+    rel_norm = _rel([m["grad_norm"] for m in got[2:]], [m["grad_norm"] for m in want[2:]])
+    assert max(rel_loss) <= REL and max(rel_norm) <= REL_NORM, (rel_loss, rel_norm)
+    cfg = load_config(latest_checkpoint(full) / "config.toml")
+    torch.manual_seed(cfg.run.seed)
+    start = Transformer(cfg.model.build()).state_dict()
+    final = [load_file(str(latest_checkpoint(d) / "model.safetensors")) for d in (part, full)]
+    assert _weights_gap(*final, start) <= REL_WEIGHTS
+
+
 @pytest.mark.slow
 def test_sigterm_to_torchrun_checkpoints_every_rank_at_one_step(tmp_path, data_cache):
     out = tmp_path / "run"
