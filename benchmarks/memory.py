@@ -36,7 +36,9 @@ Usage: python benchmarks/memory.py [--configs bf16,mxfp8,mxfp8+ac,mxfp8+chunk] [
            [--vocab 4096] [--loss-chunk 1024] [--eager-quantize]
 
 A configuration is a recipe name with suffixes: ``+ac`` (block activation checkpointing),
-``+chunk`` (the LM head and loss in chunks of ``--loss-chunk`` tokens: ``run.loss_chunk``).
+``+chunk`` (the LM head and loss in chunks of ``--loss-chunk`` tokens: ``run.loss_chunk``),
+``+compact`` (the RMSNorm inputs, SDPA's q/k/v and the SwiGLU inputs saved as MX:
+``run.compact_activations``).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ from memory_probe import (
 )
 from memory_tables import AC_SUFFIX, print_tables, print_targets
 from mxfp8.config.sections import OptimConfig
+from mxfp8.layers.compact_activations import CompactSaved
 from mxfp8.layers.convert import convert_model
 from mxfp8.layers.linear import MXLinear
 from mxfp8.layers.step import step_window
@@ -72,6 +75,8 @@ from mxfp8.train.optim import build_optimizer, clip_gradients
 
 RESULT_TAG = "MEMORY-RESULT "  # the child's JSON line; anything else it prints is ignored
 # shape of the d_model-1024 model of benchmarks/train_step.py ("wide"), 4 layers: ~49 M params
+SUFFIXES = {"ac": "block activation checkpointing", "chunk": "run.loss_chunk",
+            "compact": "run.compact_activations = all"}  # fmt: skip
 DEFAULTS = {"d_model": 1024, "layers": 4, "ffn": 2816, "heads": 8, "kv_heads": 2}
 
 
@@ -102,6 +107,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     if rec.quantized:
         model = convert_model(model, rec, compile_quantize=spec["compile_quantize"])
     model.set_loss_chunk(spec["loss_chunk"])
+    model.set_compact_activations(spec["compact"], compiled=spec["compile_quantize"])
     saved = SavedTensors(model)
     if spec["ac"] != "none":
         saved.watch_inputs(enable_checkpointing(model, spec["ac"]))
@@ -144,6 +150,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     # larger than the compiled one's, so this live peak bounds the compiled run's from above)
     for m in mx_layers:
         m.compile_quantize = False
+    model.set_compact_activations(spec["compact"], compiled=False)
     try:
         live = live_peak(step, model, opt)
     except Exception as e:  # noqa: BLE001 - reported, the other figures stand
@@ -269,9 +276,10 @@ def main() -> None:
     failures: dict[str, str] = {}
     for name in names:
         rec, *flags = name.split("+")
-        unknown = set(flags) - {"ac", "chunk"}
+        unknown = set(flags) - set(SUFFIXES)
         if unknown:
-            raise SystemExit(f"unknown suffix {sorted(unknown)} in --configs {name!r}: +ac, +chunk")
+            raise SystemExit(f"unknown suffix {sorted(unknown)} in --configs {name!r}; "
+                             f"suffixes: {', '.join('+' + k for k in SUFFIXES)}")  # fmt: skip
         ac = "block" if "ac" in flags else "none"
         if rec not in mxfp8.list_recipes():
             known = ", ".join(mxfp8.list_recipes())
@@ -290,6 +298,7 @@ def main() -> None:
             "compile_quantize": not args.eager_quantize,
             "seed": args.seed,
             "loss_chunk": args.loss_chunk if "chunk" in flags else 0,
+            "compact": list(CompactSaved) if "compact" in flags else [],
         }
         t0 = time.perf_counter()
         out = run_child(spec)

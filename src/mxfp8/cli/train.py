@@ -27,6 +27,12 @@ SHORT_FLAGS: dict[str, tuple[str, str, str]] = {
     "--out": ("run.out", "DIR", "run directory (default: runs/<recipe>-<timestamp>)"),
     "--seed": ("run.seed", "SEED", "seed of the model init and the data order"),
     "--stop-after": ("run.stop_after", "K", "end this process after K steps, with a checkpoint"),
+    "--memory": (
+        "run.memory",
+        "PROFILE",
+        "memory profile: default, or lean (every saver that "
+        "kept the loss equivalent) = --run.memory",
+    ),
     "--init-from": (
         "run.init_from",
         "DIR",
@@ -51,7 +57,7 @@ def usage(command: str, extra: str = "") -> str:
     """The usage line of a subcommand that takes the run-config options (``extra`` first)."""
     items = [extra, "[--config FILE]", "[--recipe NAME]", "[--model PRESET]",
              "[--data SOURCE]", "[--steps N]", "[--out DIR]", "[--seed SEED]", "[--resume [auto]]",
-             "[--stop-after K]", "[--SECTION.FIELD VALUE ...]"]  # fmt: skip
+             "[--stop-after K]", "[--memory lean]", "[--SECTION.FIELD VALUE ...]"]  # fmt: skip
     head = f"mxfp8 {command} "
     pad = " " * (len("usage: ") + len(head))
     lines, line = [], head

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from mxfp8.config.fields import ConfigError, opt
+from mxfp8.layers.compact_activations import CompactSaved
 from mxfp8.model.transformer import ActivationCheckpointing
 from mxfp8.parallel.env import Backend, ParallelMode, ParamDtype
 
@@ -182,6 +183,22 @@ class ParallelConfig:
         _check(self.timeout_s > 0, "parallel.timeout_s must be > 0", self.timeout_s)
 
 
+class MemoryProfile(enum.StrEnum):
+    """``run.memory``: a bundle of memory savers, applied where the config is loaded."""
+
+    DEFAULT = "default"
+    LEAN = "lean"
+
+
+# What ``run.memory = "lean"`` sets, as "section.field": value, where the config does not set
+# that field itself (mxfp8.config.train_config applies it). Which savers are in, and why the
+# others are not, is measured in docs/performance.md and docs/results.md.
+LEAN_PROFILE: dict[str, Any] = {
+    "run.compact_activations": ["norm", "swiglu"],
+    "run.loss_chunk": 1024,
+}
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Length, batch shape, logging, evaluation and checkpoint cadence of a run."""
@@ -235,6 +252,19 @@ class RunConfig:
         "all at once); the same loss and gradients up to the rounding of the head's GEMMs "
         "(docs/performance.md); evaluation computes them at once",
     )
+    compact_activations: tuple[str, ...] = opt(
+        (),
+        "non-linear activations saved for backward as MX (FP8 codes + E8M0 scales), any of "
+        "norm (the RMSNorm inputs), swiglu (the SwiGLU inputs) and attention (SDPA's q, k, v; "
+        "SDPA recomputed in backward); the forward is unchanged, the gradients are taken at "
+        "the MX of those tensors (docs/performance.md)",
+    )
+    memory: MemoryProfile = opt(
+        MemoryProfile.DEFAULT,
+        "default, or lean: a profile that sets every memory saver that kept the loss "
+        "equivalent (docs/performance.md) unless the config sets that field itself: "
+        + ", ".join(f"{k} = {v!r}" for k, v in LEAN_PROFILE.items()),
+    )
     init_from: str = opt(
         "",
         "start from the weights of a Llama directory (an `mxfp8 export`, or transformers' "
@@ -263,6 +293,16 @@ class RunConfig:
                 f"run.activation_checkpointing (expected {{{valid}}})"
             ) from None
         object.__setattr__(self, "activation_checkpointing", mode)
+        try:
+            object.__setattr__(self, "memory", MemoryProfile(self.memory))
+            CompactSaved.parse_all(self.compact_activations)
+        except ValueError as e:
+            raise ConfigError(f"run.memory / run.compact_activations: {e}") from None
+        if self.compile and self.compact_activations:
+            raise ConfigError(
+                "run.compact_activations cannot be combined with run.compile = true yet: its "
+                "autograd function is not traced by torch.compile; turn one of them off"
+            )
         if self.resume not in (True, False, "auto") or not isinstance(self.resume, bool | str):
             raise ConfigError(
                 f"invalid value {self.resume!r} for run.resume (expected true, false or 'auto')"

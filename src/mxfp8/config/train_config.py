@@ -36,8 +36,10 @@ from mxfp8.config.fields import (
     plain,
 )
 from mxfp8.config.sections import (
+    LEAN_PROFILE,
     LossScaleConfig,
     LossScaleMode,
+    MemoryProfile,
     OptimConfig,
     ParallelConfig,
     RunConfig,
@@ -173,7 +175,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
         """Build and validate from a nested dict (missing keys take their defaults)."""
-        data = {k: v for k, v in data.items() if k != "resolved"}
+        data = _with_profile({k: v for k, v in data.items() if k != "resolved"})
         unknown = sorted(set(data) - set(SECTIONS))
         if unknown:
             raise ConfigError(f"unknown config section(s) {unknown}; sections are {list(SECTIONS)}")
@@ -193,6 +195,22 @@ class TrainConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_toml())
+
+
+def _with_profile(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the fields of its ``run.memory`` profile filled in where it does not set
+    them (:data:`~mxfp8.config.sections.LEAN_PROFILE`); the saved config then names every
+    field, so loading it again gives the same run."""
+    run = data.get("run")
+    if not isinstance(run, Mapping) or str(run.get("memory", "default")) != MemoryProfile.LEAN:
+        return data
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+    for dotted, value in LEAN_PROFILE.items():
+        section, _, key = dotted.partition(".")
+        body = out.setdefault(section, {})
+        if isinstance(body, dict):
+            body.setdefault(key, value)
+    return out
 
 
 def _model_field_types() -> dict[str, Any]:

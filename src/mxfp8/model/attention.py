@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mxfp8.layers.attention_bmm import bmm_specs, mx_attention
+from mxfp8.layers.compact_activations import compact_call
 
 if TYPE_CHECKING:
     from mxfp8.model.config import ModelConfig
@@ -37,6 +38,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x.float().chunk(2, dim=-1)
     out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return out.type_as(x)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+         gqa: bool) -> torch.Tensor:  # fmt: skip
+    """Self-attention without a mask argument (what a training forward runs)."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
 
 
 class KVCache:
@@ -70,6 +77,8 @@ class Attention(nn.Module):
 
     supports_quantized_bmm = True
     bmm_recipe = None
+    compact = False  # save q, k, v for backward as MX (Transformer.set_compact_activations)
+    compact_compiled = False
     observer = None
     name = ""
 
@@ -100,10 +109,13 @@ class Attention(nn.Module):
         mask = None
         if past and T > 1:  # query i (position past + i) sees keys 0 .. past + i
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=not past,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )  # fmt: skip
+        gqa = self.n_kv_heads != self.n_heads
+        if self.compact and cache is None:  # q, k, v saved as MX; SDPA recomputed in backward
+            y = compact_call(sdpa, q, k, v, not past, gqa, compact=(True, True, True, False, False),
+                             compiled=self.compact_compiled)  # fmt: skip
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not past,
+                                               enable_gqa=gqa)  # fmt: skip
         y = y.transpose(1, 2).reshape(B, T, C)  # [B, heads, T, head_dim] -> [B, T, C]
         return self.wo(y)
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -46,14 +46,32 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mxfp8.layers.compact_activations import CompactSaved, compact_call
 from mxfp8.layers.recompute import recomputing
 from mxfp8.model.attention import Attention, KVCache, rope_tables
 from mxfp8.model.chunked_loss import chunked_cross_entropy
 from mxfp8.model.config import ModelConfig
 
 
-class RMSNorm(nn.Module):
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / rms(x) * weight, computed in fp32 so that bf16 inputs do not lose the mean square."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return xf.type_as(x) * weight
+
+
+def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """silu(a) * b: the gate of the SwiGLU MLP."""
+    return F.silu(a) * b
+
+
+class RMSNorm(nn.Module):
+    """:func:`rms_norm` with a learned gain. ``compact``: save the input for backward as MX
+    (:mod:`mxfp8.layers.compact_activations`; set through
+    :meth:`Transformer.set_compact_activations`)."""
+
+    compact = False
+    compact_compiled = False
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -61,13 +79,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        if self.compact:
+            return compact_call(rms_norm, x, self.weight, self.eps, compact=(True, False, False),
+                                compiled=self.compact_compiled)  # fmt: skip
+        return rms_norm(x, self.weight, self.eps)
 
 
 class FeedForward(nn.Module):
-    """SwiGLU MLP: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU MLP: w2(silu(w1 x) * w3 x). ``compact``: save w1 x and w3 x for backward as MX."""
+
+    compact = False
+    compact_compiled = False
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -76,7 +98,11 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.compact:
+            a, b = self.w1(x), self.w3(x)
+            return self.w2(compact_call(swiglu, a, b, compact=(True, True),
+                                        compiled=self.compact_compiled))  # fmt: skip
+        return self.w2(swiglu(self.w1(x), self.w3(x)))
 
 
 class Block(nn.Module):
@@ -139,6 +165,7 @@ class Transformer(nn.Module):
         # how training forwards trade compute for memory; not a shape property, so not in cfg
         self.activation_checkpointing = ActivationCheckpointing.NONE
         self.loss_chunk = 0  # tokens per chunk of the LM head and loss in training (0: all)
+        self.compact_activations: frozenset[CompactSaved] = frozenset()
         self.init_weights()
 
     def set_activation_checkpointing(self, mode: ActivationCheckpointing | str) -> Transformer:
@@ -159,6 +186,24 @@ class Transformer(nn.Module):
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
             raise ValueError(f"loss_chunk must be an int >= 0, got {tokens!r}")
         self.loss_chunk = tokens
+        return self
+
+    def set_compact_activations(
+        self, which: Iterable[CompactSaved | str] = (), *, compiled: bool = False
+    ) -> Transformer:
+        """Save the named non-linear activations for backward as MX (``"norm"``,
+        ``"attention"``, ``"swiglu"``; :class:`~mxfp8.layers.compact_activations.CompactSaved`)
+        and the others whole; returns self. The forward is unchanged bit for bit; the
+        gradients become those at the MX of the saved tensors. Attention compacts only where
+        SDPA runs (not the MX attention BMMs). ``compiled``: the compiled quantizers."""
+        chosen = CompactSaved.parse_all([str(w) for w in which])
+        for module in self.modules():
+            kind = {RMSNorm: CompactSaved.NORM, FeedForward: CompactSaved.SWIGLU,
+                    Attention: CompactSaved.ATTENTION}.get(type(module))  # fmt: skip
+            if kind is not None:
+                module.compact = kind in chosen
+                module.compact_compiled = compiled
+        self.compact_activations = chosen
         return self
 
     @torch.no_grad()
