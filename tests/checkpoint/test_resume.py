@@ -67,6 +67,18 @@ def test_fp8_states_resume_is_bit_identical_and_stays_8_bit(tmp_path, data_cache
     assert n_8bit >= 4, "the model's matrices must have 8-bit moments"
 
 
+def test_bf16_grads_with_fp8_states_resume_is_bit_identical(tmp_path, data_cache):
+    over = {"run.steps": 6, "optim.grad_dtype": "bf16", "optim.states": "fp8",
+            "run.grad_accum": 2}  # fmt: skip
+    train(load_config(None, small(tmp_path / "full", data_cache, **over)))
+    train(load_config(None, small(tmp_path / "part", data_cache, **over, **{"run.stop_after": 3})))
+    resumed = load_config(
+        None, small(tmp_path / "part", data_cache, **over, **{"run.resume": True})
+    )
+    train(resumed)
+    assert exact(read_metrics(tmp_path / "part")) == exact(read_metrics(tmp_path / "full"))
+
+
 def test_optimizer_load_keeps_bf16_moments():
     from mxfp8.train.optim import AdamWBF16States
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from mxfp8.numerics.formats import E4M3, ScaleRule
-from mxfp8.numerics.quantize import quantize
+from mxfp8.numerics.quantize import dequantize, quantize
 from mxfp8.numerics.tensor import MXTensor
 
 BLOCK = 32
@@ -63,15 +63,16 @@ def _mx(codes: torch.Tensor, scale: torch.Tensor) -> MXTensor:
                     BLOCK, codes.dim() - 1, ScaleRule.RCEIL)  # fmt: skip
 
 
-def decode(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """fp32 values of one stored 8-bit moment (local tensors)."""
-    return _mx(codes, scale).dequantize(torch.float32)
+def decode(codes: torch.Tensor, scale: torch.Tensor, **kernel) -> torch.Tensor:
+    """fp32 values of one stored 8-bit moment (local tensors); ``kernel``: ``compiled`` /
+    ``kernel`` of :func:`mxfp8.numerics.quantize.dequantize`."""
+    return dequantize(_mx(codes, scale), torch.float32, **kernel)
 
 
-def encode_(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> None:
+def encode_(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, **kernel) -> None:
     """Quantize fp32 ``x`` into the existing ``codes`` / ``scale`` buffers (local tensors)."""
     quantize(x, E4M3, block_size=BLOCK, dim=-1, scale_rule=ScaleRule.RCEIL,
-             out=_mx(codes, scale))  # fmt: skip
+             out=_mx(codes, scale), **kernel)  # fmt: skip
 
 
 class _Raw:
@@ -85,14 +86,15 @@ class _Raw:
 class AdamWFP8States(torch.optim.Optimizer):
     """AdamW with 8-bit MX-blocked moments (module doc); math in fp32 on fp32 master weights.
 
-    ``kernel`` names the MX quantization kernel (:mod:`mxfp8.numerics.backends`; None: eager).
-    All kernels give the same bits, so it changes speed, never the result.
+    ``compiled`` / ``kernel`` choose the MX quantization kernel as in
+    :func:`mxfp8.numerics.quantize.quantize` (default: the compiled one of the device). All
+    kernels give the same bits, so they change speed, never the result.
     """
 
     def __init__(self, params, lr: float, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
-                 kernel: str | None = None):  # fmt: skip
+                 compiled: bool = True, kernel: str | None = None):  # fmt: skip
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        self.kernel = kernel
+        self.kernel = {"compiled": compiled, "kernel": kernel}
 
     def _init_state(self, p: torch.Tensor) -> dict:
         state: dict = {"step": torch.zeros((), dtype=torch.float32)}
@@ -130,12 +132,13 @@ class AdamWFP8States(torch.optim.Optimizer):
                     v_l = _local(state["exp_avg_sq"]).mul_(beta2).addcmul_(g, g, value=1 - beta2)
                 else:
                     codes = {k: _local(state[k]) for k in state if k != "step"}
-                    m_l = decode(codes["exp_avg_codes"], codes["exp_avg_scale"])
+                    k = self.kernel
+                    m_l = decode(codes["exp_avg_codes"], codes["exp_avg_scale"], **k)
                     m_l.lerp_(g, 1 - beta1)
-                    r = decode(codes["exp_avg_sq_codes"], codes["exp_avg_sq_scale"])
+                    r = decode(codes["exp_avg_sq_codes"], codes["exp_avg_sq_scale"], **k)
                     v_l = r.mul_(r).mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                    encode_(m_l, codes["exp_avg_codes"], codes["exp_avg_scale"])
-                    encode_(v_l.sqrt(), codes["exp_avg_sq_codes"], codes["exp_avg_sq_scale"])
+                    encode_(m_l, codes["exp_avg_codes"], codes["exp_avg_scale"], **k)
+                    encode_(v_l.sqrt(), codes["exp_avg_sq_codes"], codes["exp_avg_sq_scale"], **k)
                 w.mul_(1 - lr * wd)
                 bias1, bias2 = 1 - beta1**t, 1 - beta2**t
                 denom = (v_l / bias2).sqrt_().add_(eps)

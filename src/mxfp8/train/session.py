@@ -31,6 +31,7 @@ from mxfp8.layers.convert import convert_model, scaling_state_dict
 from mxfp8.layers.precision import load_layer_state, precision_state_dict
 from mxfp8.model.transformer import Transformer
 from mxfp8.numerics import backends
+from mxfp8.optim.bf16_grads import BF16Grads
 from mxfp8.parallel import (
     LOCAL,
     Comm,
@@ -140,6 +141,8 @@ class Session:
     # fixed for the run: computed once here, not at every step
     named_params: list = field(default_factory=list)
     clip_thresholds: tuple = ()
+    # optim.grad_dtype = bf16: where the gradients are held between backward and the step
+    grads: BF16Grads | None = None
     step: int = 0
     tokens: int = 0
     clock: Clock = field(default_factory=Clock)
@@ -324,6 +327,7 @@ def build(cfg: TrainConfig, run_dir: Path, say, *, fresh: bool = True) -> Sessio
     # Transformer checkpoints at each forward are the converted ones)
     model.set_activation_checkpointing(run.activation_checkpointing)
     model.set_loss_chunk(run.loss_chunk)
+    model.set_compact_activations(run.compact_activations, compiled=run.compile_quantize)
     report = getattr(model, "mxfp8_report", None)
     n_mx = len(report.converted) if report is not None else 0
     ac = "" if run.activation_checkpointing == "none" else "; activation checkpointing: block"
@@ -356,6 +360,10 @@ def build(cfg: TrainConfig, run_dir: Path, say, *, fresh: bool = True) -> Sessio
                        n_batches=run.eval_batches)  # fmt: skip
     # each rank evaluates its slice; the loop averages over the ranks
     val = [(rank_rows(x, comm), rank_rows(y, comm)) for x, y in val]
+    named_params = list(model.named_parameters())
+    grads = None
+    if cfg.optim.grad_dtype == "bf16":  # one process: taken as accumulated; else after backward
+        grads = BF16Grads(named_params, hooks=mode is ParallelMode.NONE)
     return Session(
         cfg=cfg,
         run_dir=run_dir,
@@ -370,7 +378,8 @@ def build(cfg: TrainConfig, run_dir: Path, say, *, fresh: bool = True) -> Sessio
         mode=mode,
         comm=comm,
         forward_model=forward_model,
-        named_params=list(model.named_parameters()),
+        named_params=named_params,
         clip_thresholds=cfg.optim.module_thresholds(),
+        grads=grads,
         clock=clock,
     )

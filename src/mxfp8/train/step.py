@@ -67,6 +67,9 @@ def run_step(s: Session, step: int, forward: nn.Module) -> dict[str, Any]:
     loss_sum = s.comm.mean(loss_sum)
     scale_used = s.scaler.scale
     params = s.named_params
+    if s.grads is not None:  # optim.grad_dtype = bf16: unscale, clip and step the held grads
+        s.grads.absorb()  # distributed: the reduced fp32 gradients (one process: none left)
+        params = s.grads.holders()
     s.scaler.unscale_(p for _, p in params)
     # sharded gradients: the norms are over full parameters (squares summed over ranks)
     reduce = s.comm.sum_ if s.sharded and s.comm.active else None
@@ -75,9 +78,14 @@ def run_step(s: Session, step: int, forward: nn.Module) -> dict[str, Any]:
     loss_finite = math.isfinite(loss_sum)
     skip = found_inf or not loss_finite
     if not skip:
-        s.optimizer.step()
+        if s.grads is not None:
+            s.grads.step(s.optimizer)
+        else:
+            s.optimizer.step()
     s.scaler.update(skip)
     s.optimizer.zero_grad(set_to_none=True)
+    if s.grads is not None:
+        s.grads.clear()
     if s.device.type == "cuda":
         torch.cuda.synchronize(s.device)
     dt = time.perf_counter() - t0
