@@ -196,6 +196,8 @@ class MemoryProfile(enum.StrEnum):
 LEAN_PROFILE: dict[str, Any] = {
     "run.compact_activations": ["norm", "swiglu"],
     "run.loss_chunk": 1024,
+    "optim.states": "fp8",
+    "optim.grad_dtype": "bf16",
 }
 
 
