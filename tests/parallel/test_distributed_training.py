@@ -289,6 +289,22 @@ def test_resume_at_another_world_size(tmp_path, data_cache, first, then):
         assert all(torch.equal(rebuilt[k], gathered[k]) for k in gathered)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_bf16_grads_on_two_processes_match_one_process(tmp_path, data_cache, mode):
+    """optim.grad_dtype = bf16: the gradients are taken into bf16 after the all-reduce (DDP)
+    or reduce-scatter (FSDP2); the run matches one process holding bf16 gradients."""
+    over = {"parallel.mode": mode, "recipe.name": "bf16", "optim.grad_dtype": "bf16"}
+    res, _ = launch(2, "train", tmp_path / "two", str(data_cache), *_pairs(**over))
+    assert res.returncode == 0, res.stderr[-4000:]
+    r0, r1 = per_rank(tmp_path / "two", 2)
+    assert r0["losses"] == r1["losses"] and r0["digest"] == r1["digest"]
+    one = _single(tmp_path, data_cache, **{"recipe.name": "bf16", "optim.grad_dtype": "bf16"})
+    _assert_matches_one_process(r0["losses"], r0["grad_norms"], one["losses"], one["grad_norms"])
+    two_w, one_w = (torch.load(d / "rank0.pt") for d in (tmp_path / "two", tmp_path / "single"))
+    assert _weights_gap(two_w["end"], one_w["end"], one_w["start"]) <= REL_WEIGHTS
+
+
 def _dcp_optimizer_dtypes(checkpoint) -> dict[str, torch.dtype]:
     """Optimizer state entries of a DCP checkpoint (name -> dtype), read from its metadata."""
     from torch.distributed.checkpoint import FileSystemReader
