@@ -15,9 +15,16 @@ For each variant, on the ``tiny`` model (vocab 512, Shakespeare):
 - **v storage**: for the 8-bit format, the error of the stored second moment after the fp32
   run, stored directly in E4M3 blocks against stored as sqrt(v) (the choice in
   :mod:`mxfp8.optim.fp8_states`): the share of non-zero v that rounds to 0, and the relative
-  error of sqrt(v) (Adam's denominator).
+  error of sqrt(v) (Adam's denominator);
+- **gradient MiB** (optim.grad_dtype): over one backward in one process, the peak of the fp32
+  ``p.grad`` tensors plus the bf16 store, and what is held at the end.
 
-    python benchmarks/optimizer_states.py [--steps 300] [--rounds 15]
+    python benchmarks/optimizer_states.py [--steps 300] [--rounds 15] [--seed 0]
+        [--skip-train | --train-only]
+
+torchao's optimizers keep ``lr`` as a tensor and raise on a float, so their runs here use a
+schedule that writes the lr in place (:class:`TensorLrSchedule`); the training loop's
+``Schedule`` writes floats.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import torch
 
 from mxfp8.config.train_config import load_config
 from mxfp8.numerics.quantize import quantize
+from mxfp8.optim.bf16_grads import BF16Grads
 from mxfp8.optim.fp8_states import AdamWFP8States, blockable
 from mxfp8.train.optim import AdamWBF16States, Schedule, param_groups
 from mxfp8.train.session import build
@@ -79,10 +87,10 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
                for t in tensors_of(v))  # fmt: skip
 
 
-def config(out: Path, cache: Path, steps: int, recipe: str, batch: int, seq: int):
+def config(out: Path, cache: Path, steps: int, recipe: str, batch: int, seq: int, seed: int = 0):
     over = {"data.source": "shakespeare", "data.vocab_size": 512, "data.cache_dir": str(cache),
             "model.preset": "tiny", "recipe.name": recipe, "run.steps": steps,
-            "run.batch_size": batch, "run.seq_len": seq, "run.out": str(out), "run.seed": 0,
+            "run.batch_size": batch, "run.seq_len": seq, "run.out": str(out), "run.seed": seed,
             "run.progress": False, "run.eval_batches": 4}  # fmt: skip
     return load_config(None, over)
 
@@ -245,6 +253,69 @@ def v_storage(opt: torch.optim.Optimizer) -> dict[str, tuple[float, float, float
     return out
 
 
+def gradient_bytes(cfg) -> dict[str, tuple[float, float]]:
+    """Gradient bytes over one backward of the tiny model (fp32 master weights): the peak of
+    the fp32 ``p.grad`` tensors plus the bf16 store, counted as each gradient is accumulated
+    (before the store takes it), and what is held when backward ends; MiB."""
+    out = {}
+    for dtype in ("fp32", "bf16"):
+        s = session(cfg, "fp32")
+        params = [p for p in s.model.parameters() if p.requires_grad]
+        stores: list[BF16Grads] = []
+        peak = [0]
+
+        def count(_p, params=params, stores=stores, peak=peak):
+            live = sum(q.grad.nbytes for q in params if q.grad is not None)
+            peak[0] = max(peak[0], live + sum(held_bytes(st) for st in stores))
+
+        for p in params:  # registered first: runs before the store takes the gradient
+            p.register_post_accumulate_grad_hook(count)
+        if dtype == "bf16":
+            stores.append(BF16Grads(s.model.named_parameters(), hooks=True))
+        x, y = s.val_batches[0]
+        with s.recipe.autocast(s.device.type):
+            _, loss = s.model(x, y)
+        loss.backward()
+        end = sum(q.grad.nbytes for q in params if q.grad is not None)
+        out[dtype] = (peak[0] / 2**20, (end + sum(held_bytes(st) for st in stores)) / 2**20)
+    return out
+
+
+def held_bytes(store: BF16Grads) -> int:
+    return sum(h.nbytes for h in store.held.values())
+
+
+def measure_steps(cfg, args) -> None:
+    ms, nbytes = step_times(cfg, VARIANTS, args.rounds)
+    n = sum(p.numel() for p in session(cfg, "fp32").model.parameters())
+    print(f"threads {torch.get_num_threads()}; optimizer step on the tiny model's {n:,} "
+          f"parameters, median of {args.rounds} interleaved rounds")  # fmt: skip
+    print(f"{'variant':24} {'state MiB':>10} {'x fp32':>7} {'step ms':>8} {'x fp32':>7}")
+    for v in (v for v in VARIANTS if v in ms):
+        print(f"{v:24} {nbytes[v] / 2**20:10.2f} {nbytes[v] / nbytes['fp32']:7.3f} "
+              f"{ms[v]:8.1f} {ms[v] / ms['fp32']:7.2f}")  # fmt: skip
+    print("\nresume (6 steps straight vs 3 + state dict round trip + 3):")
+    for v in VARIANTS:
+        print(f"  {v:24} {resume_check(v)}")
+    print("\ngradient MiB over one backward (peak while accumulating, held at its end):")
+    for dtype, (peak, end) in gradient_bytes(cfg).items():
+        print(f"  grad_dtype {dtype:5} {peak:8.2f} {end:8.2f}")
+
+
+def measure_training(cfg, args) -> None:
+    losses, kept = train_losses(cfg, [v for v in VARIANTS if "eager" not in v])
+    print(f"\nafter {args.steps} steps (recipe {args.recipe}, batch {args.batch}x{args.seq}, "
+          f"seed {args.seed}): train loss (mean of the last 20 steps), val loss")  # fmt: skip
+    for v, r in losses.items():
+        text = r if isinstance(r, str) else f"{r[0]:.4f}  {r[1]:.4f}"
+        print(f"  {v:24} {text}")
+    if "fp32" in kept:
+        print("\nsecond moment of the fp32 run stored in 8 bits (blocks of 32, rceil): "
+              "share of non-zero v -> 0, median / p99 relative error of sqrt(v)")  # fmt: skip
+        for name, (fl, med, p99) in v_storage(kept["fp32"]).items():
+            print(f"  {name:16} {fl:9.2e} {med:9.2e} {p99:9.2e}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=300)
@@ -252,39 +323,19 @@ def main() -> None:
     ap.add_argument("--recipe", default="bf16")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0, help="the training runs' seed")
     ap.add_argument("--cache", default=None, help="data cache folder (default: a temporary one)")
-    ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--skip-train", action="store_true", help="no training runs")
+    ap.add_argument("--train-only", action="store_true", help="only the training runs")
     args = ap.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(args.cache) if args.cache else Path(tmp) / "cache"
-        cfg = config(Path(tmp) / "run", cache, args.steps, args.recipe, args.batch, args.seq)
-        ms, nbytes = step_times(cfg, VARIANTS, args.rounds)
-        print(f"threads {torch.get_num_threads()}; optimizer step on the tiny model's "
-              f"{sum(p.numel() for p in session(cfg, 'fp32').model.parameters()):,} "
-              f"parameters, median of {args.rounds} interleaved rounds")  # fmt: skip
-        print(f"{'variant':24} {'state MiB':>10} {'x fp32':>7} {'step ms':>8} {'x fp32':>7}")
-        for v in VARIANTS:
-            if v not in ms:
-                continue
-            print(f"{v:24} {nbytes[v] / 2**20:10.2f} {nbytes[v] / nbytes['fp32']:7.3f} "
-                  f"{ms[v]:8.1f} {ms[v] / ms['fp32']:7.2f}")  # fmt: skip
-        print("\nresume (6 steps straight vs 3 + state dict round trip + 3):")
-        for v in VARIANTS:
-            print(f"  {v:24} {resume_check(v)}")
-        if args.skip_train:
-            return
-        losses, kept = train_losses(cfg, [v for v in VARIANTS if "eager" not in v])
-        print(f"\nafter {args.steps} steps (recipe {args.recipe}, batch {args.batch}x{args.seq}, "
-              "seed 0): train loss (mean of the last 20 steps), val loss")  # fmt: skip
-        for v, r in losses.items():
-            text = r if isinstance(r, str) else f"{r[0]:.4f}  {r[1]:.4f}"
-            print(f"  {v:24} {text}")
-        if "fp32" in kept:
-            print("\nsecond moment of the fp32 run stored in 8 bits (blocks of 32, rceil): "
-                  "share of non-zero v -> 0, median / p99 relative error of sqrt(v)")  # fmt: skip
-            for name, (fl, med, p99) in v_storage(kept["fp32"]).items():
-                print(f"  {name:16} {fl:9.2e} {med:9.2e} {p99:9.2e}")
+        cfg = config(Path(tmp) / "run", cache, args.steps, args.recipe, args.batch, args.seq,
+                     args.seed)  # fmt: skip
+        if not args.train_only:
+            measure_steps(cfg, args)
+        if not args.skip_train:
+            measure_training(cfg, args)
 
 
 if __name__ == "__main__":
