@@ -38,7 +38,8 @@ Usage: python benchmarks/memory.py [--configs bf16,mxfp8,mxfp8+ac,mxfp8+chunk] [
 A configuration is a recipe name with suffixes: ``+ac`` (block activation checkpointing),
 ``+chunk`` (the LM head and loss in chunks of ``--loss-chunk`` tokens: ``run.loss_chunk``),
 ``+compact`` (the RMSNorm inputs, SDPA's q/k/v and the SwiGLU inputs saved as MX:
-``run.compact_activations``).
+``run.compact_activations``), ``+lean`` (every field ``run.memory = lean`` sets: its compact
+activations, loss chunk, optimizer states and gradient dtype).
 """
 
 from __future__ import annotations
@@ -65,18 +66,20 @@ from memory_probe import (
 )
 from memory_tables import AC_SUFFIX, print_tables, print_targets
 from mxfp8.config.sections import OptimConfig
+from mxfp8.config.train_config import load_config
 from mxfp8.layers.compact_activations import CompactSaved
 from mxfp8.layers.convert import convert_model
 from mxfp8.layers.linear import MXLinear
 from mxfp8.layers.step import step_window
 from mxfp8.model.config import model_config
 from mxfp8.model.transformer import Transformer
+from mxfp8.optim.bf16_grads import BF16Grads
 from mxfp8.train.optim import build_optimizer, clip_gradients
 
 RESULT_TAG = "MEMORY-RESULT "  # the child's JSON line; anything else it prints is ignored
 # shape of the d_model-1024 model of benchmarks/train_step.py ("wide"), 4 layers: ~49 M params
 SUFFIXES = {"ac": "block activation checkpointing", "chunk": "run.loss_chunk",
-            "compact": "run.compact_activations = all"}  # fmt: skip
+            "compact": "run.compact_activations = all", "lean": "run.memory = lean"}  # fmt: skip
 DEFAULTS = {"d_model": 1024, "layers": 4, "ffn": 2816, "heads": 8, "kv_heads": 2}
 
 
@@ -111,8 +114,10 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     saved = SavedTensors(model)
     if spec["ac"] != "none":
         saved.watch_inputs(enable_checkpointing(model, spec["ac"]))
-    ocfg = OptimConfig()
+    ocfg = OptimConfig(states=spec["states"], grad_dtype=spec["grad_dtype"])
     opt = build_optimizer(model, ocfg)
+    # optim.grad_dtype = bf16: each gradient taken into bf16 as autograd accumulates it
+    held = BF16Grads(model.named_parameters(), hooks=True) if spec["grad_dtype"] == "bf16" else None
     gen = torch.Generator().manual_seed(spec["seed"])
     vocab, shape = model.cfg.vocab_size, (spec["batch"], spec["seq"])
     x = torch.randint(0, vocab, shape, generator=gen).to(device)
@@ -129,11 +134,15 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             parts["caches"] = nbytes([m._weight_cache for m in mx_layers], param_ptrs)
             loss.backward()
             del loss
-        parts["gradients"] = nbytes([p.grad for p in params])
         parts["scratch"] = scratch_bytes(mx_layers)
-        named = list(model.named_parameters())
+        named = list(model.named_parameters()) if held is None else held.holders()
+        parts["gradients"] = nbytes([p.grad for _, p in named])
         clip_gradients(named, ocfg.grad_clip, ocfg.module_thresholds())
-        opt.step()
+        if held is None:
+            opt.step()
+        else:
+            held.step(opt)
+            held.clear()
         opt.zero_grad(set_to_none=True)
 
     step()  # warm-up: compiles the quantizers, creates the AdamW states
@@ -299,7 +308,14 @@ def main() -> None:
             "seed": args.seed,
             "loss_chunk": args.loss_chunk if "chunk" in flags else 0,
             "compact": list(CompactSaved) if "compact" in flags else [],
+            "states": "fp32",
+            "grad_dtype": "fp32",
         }
+        if "lean" in flags:  # the profile's fields, as the config applies them
+            lean = load_config(overrides={"run.memory": "lean"})
+            spec.update(compact=list(lean.run.compact_activations), states=lean.optim.states,
+                        grad_dtype=lean.optim.grad_dtype,
+                        loss_chunk=lean.run.loss_chunk)  # fmt: skip
         t0 = time.perf_counter()
         out = run_child(spec)
         took = time.perf_counter() - t0
