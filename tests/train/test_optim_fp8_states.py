@@ -126,7 +126,9 @@ def test_state_dict_round_trip_continues_bit_identically_and_stays_uint8():
 
 def test_states_config_and_the_former_bf16_flag():
     assert OptimConfig().states == "fp32"
-    assert OptimConfig(bf16_states=True).states == "bf16"  # old config.toml files
+    old = OptimConfig(bf16_states=True)  # old config.toml files: the same run, one spelling
+    assert (old.states, old.bf16_states) == ("bf16", False)
+    assert old == OptimConfig(states="bf16")  # so a resume with either spelling is no change
     with pytest.raises(ConfigError, match="contradicts optim.states = 'fp8'"):
         OptimConfig(bf16_states=True, states="fp8")
     with pytest.raises(ConfigError, match="optim.states"):

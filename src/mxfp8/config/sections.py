@@ -90,8 +90,9 @@ class OptimConfig:
                 "optim.bf16_states = true (the former spelling of optim.states = 'bf16') "
                 "contradicts optim.states = 'fp8': set only optim.states"
             )
-        if self.bf16_states:  # an old config: the same run as states = 'bf16'
+        if self.bf16_states:  # an old config: the same run as states = 'bf16', written so
             object.__setattr__(self, "states", "bf16")
+            object.__setattr__(self, "bf16_states", False)
         self.module_thresholds()  # validates the entries
 
     def module_thresholds(self) -> tuple[tuple[str, float], ...]:
