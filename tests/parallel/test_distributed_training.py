@@ -293,13 +293,15 @@ def test_resume_at_another_world_size(tmp_path, data_cache, first, then):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_bf16_grads_on_two_processes_match_one_process(tmp_path, data_cache, mode):
     """optim.grad_dtype = bf16: the gradients are taken into bf16 after the all-reduce (DDP)
-    or reduce-scatter (FSDP2); the run matches one process holding bf16 gradients."""
-    over = {"parallel.mode": mode, "recipe.name": "bf16", "optim.grad_dtype": "bf16"}
+    or reduce-scatter (FSDP2), after the last of two micro-batches (DDP's no_sync before it);
+    the run matches one process holding bf16 gradients."""
+    same = {"recipe.name": "bf16", "optim.grad_dtype": "bf16", "run.grad_accum": 2}
+    over = {"parallel.mode": mode, **same}
     res, _ = launch(2, "train", tmp_path / "two", str(data_cache), *_pairs(**over))
     assert res.returncode == 0, res.stderr[-4000:]
     r0, r1 = per_rank(tmp_path / "two", 2)
     assert r0["losses"] == r1["losses"] and r0["digest"] == r1["digest"]
-    one = _single(tmp_path, data_cache, **{"recipe.name": "bf16", "optim.grad_dtype": "bf16"})
+    one = _single(tmp_path, data_cache, **same)
     _assert_matches_one_process(r0["losses"], r0["grad_norms"], one["losses"], one["grad_norms"])
     two_w, one_w = (torch.load(d / "rank0.pt") for d in (tmp_path / "two", tmp_path / "single"))
     assert _weights_gap(two_w["end"], one_w["end"], one_w["start"]) <= REL_WEIGHTS
