@@ -160,6 +160,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     for m in mx_layers:
         m.compile_quantize = False
     model.set_compact_activations(spec["compact"], compiled=False)
+    if hasattr(opt, "kernel"):  # 8-bit states: their quantizer eager too (the same bits)
+        opt.kernel = {"compiled": False, "kernel": None}
     try:
         live = live_peak(step, model, opt)
     except Exception as e:  # noqa: BLE001 - reported, the other figures stand
