@@ -333,6 +333,14 @@ def build(cfg: TrainConfig, run_dir: Path, say, *, fresh: bool = True) -> Sessio
     ac = "" if run.activation_checkpointing == "none" else "; activation checkpointing: block"
     say(f"model: {cfg.model.preset}, {model.num_params():,} parameters; recipe "
         f"{recipe.name}: {n_mx} linear layers quantized{ac}")  # fmt: skip
+    savers = (
+        [f"saved as MX: {', '.join(run.compact_activations)}"] if run.compact_activations else []
+    )
+    savers += [f"loss in chunks of {run.loss_chunk} tokens"] if run.loss_chunk else []
+    savers += [f"AdamW states {cfg.optim.states}"] if cfg.optim.states != "fp32" else []
+    savers += [f"gradients {cfg.optim.grad_dtype}"] if cfg.optim.grad_dtype != "fp32" else []
+    if savers:
+        say(f"memory ({run.memory.value}): " + "; ".join(savers))
     odd = {n: r for n, r in (report.kept.items() if report else ()) if "multiple of" in r}
     if (
         odd and comm.is_main
