@@ -307,6 +307,28 @@ def test_bf16_grads_on_two_processes_match_one_process(tmp_path, data_cache, mod
     assert _weights_gap(two_w["end"], one_w["end"], one_w["start"]) <= REL_WEIGHTS
 
 
+@pytest.mark.parametrize("mode", ["fsdp", pytest.param("ddp", marks=pytest.mark.slow)])
+def test_memory_lean_on_two_processes_matches_one_process(tmp_path, data_cache, mode):
+    """run.memory = lean (8-bit states, bf16 gradients, chunked loss) with every activation
+    compacted, norm, SwiGLU and attention: the compacted ops recompute from their MX inputs
+    in backward while FSDP2 gathers the norm weights again (or DDP all-reduces); the run
+    matches one process of the same config within the distributed bounds."""
+    over = {"parallel.mode": mode, "recipe.name": "mxfp8", "run.memory": "lean",
+            "run.compact_activations": "norm,swiglu,attention"}  # fmt: skip
+    res, _ = launch(2, "train", tmp_path / "two", str(data_cache), *_pairs(**over))
+    assert res.returncode == 0, res.stderr[-4000:]
+    r0, r1 = per_rank(tmp_path / "two", 2)
+    assert r0["losses"] == r1["losses"] and r0["digest"] == r1["digest"]
+    one = _single(tmp_path, data_cache, **{k: v for k, v in over.items() if k != "parallel.mode"})
+    _assert_matches_one_process(r0["losses"], r0["grad_norms"], one["losses"], one["grad_norms"])
+    two_w, one_w = (torch.load(d / "rank0.pt") for d in (tmp_path / "two", tmp_path / "single"))
+    assert _weights_gap(two_w["end"], one_w["end"], one_w["start"]) <= REL_WEIGHTS
+    # the profile was on in the job: its saved config names every field lean set
+    ran = load_config(tmp_path / "two" / "run" / "config.toml")
+    assert (ran.optim.states, ran.optim.grad_dtype, ran.run.loss_chunk) == ("fp8", "bf16", 1024)
+    assert ran.run.compact_activations == ("norm", "swiglu", "attention")
+
+
 def _dcp_optimizer_dtypes(checkpoint) -> dict[str, torch.dtype]:
     """Optimizer state entries of a DCP checkpoint (name -> dtype), read from its metadata."""
     from torch.distributed.checkpoint import FileSystemReader
