@@ -342,7 +342,7 @@ def _dcp_optimizer_dtypes(checkpoint) -> dict[str, torch.dtype]:
 @pytest.mark.parametrize(("first", "then"), [(1, 2), (2, 2), (2, 1)])
 def test_fp8_states_resume_at_another_world_size(tmp_path, data_cache, first, then):
     """optim.states = fp8 under FSDP2: the DCP shards hold the 8-bit codes and E8M0 scales of
-    each rank's rows (uint8, no fp32 moment of a matrix), a resume at the same world size is
+    m for each rank's rows (uint8) and a bf16 v, a resume at the same world size is
     bit-identical, and one at another world size (DCP reshards the codes and scales by rows;
     1 -> 2 distributes a single-process state dict) continues within the bounds above."""
     common = _cli_common(data_cache) + ["--run.compile_quantize", "false", "--steps", "4",
@@ -355,9 +355,10 @@ def test_fp8_states_resume_at_another_world_size(tmp_path, data_cache, first, th
         codes = {k: d for k, d in dtypes.items() if k.endswith(("_codes", "_scale"))}
         assert len(codes) >= 16 and set(codes.values()) == {torch.uint8}, dtypes
         matrices = {k.rsplit(".", 1)[0] for k in codes}
-        moments = {k.rsplit(".", 1)[0] for k in dtypes if k.endswith((".exp_avg", ".exp_avg_sq"))}
+        moments = {k.rsplit(".", 1)[0] for k in dtypes if k.endswith(".exp_avg")}
         assert moments and not matrices & moments  # vectors only keep fp32 moments
         assert all(dtypes[f"{m}.exp_avg"] == torch.float32 for m in moments)
+        assert all(dtypes[f"{m}.exp_avg_sq"] == torch.bfloat16 for m in matrices)
     mxfp8(then, ["train", "--resume", "--out", str(part), "--no-report"])
     got, want = metrics(part), metrics(full)
     assert [m["step"] for m in got] == [1, 2, 3, 4]
