@@ -235,8 +235,9 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=DEFAULTS["heads"])
     ap.add_argument("--kv-heads", type=int, default=DEFAULTS["kv_heads"])
     ap.add_argument("--vocab", type=int, default=model_config("tiny").vocab_size)
-    ap.add_argument("--loss-chunk", type=int, default=1024, help="tokens per chunk of the LM "
-                    "head and loss in the '+chunk' configurations (run.loss_chunk)")  # fmt: skip
+    ap.add_argument("--loss-chunk", type=int, default=None, help="tokens per chunk of the LM "
+                    "head and loss in the '+chunk' configurations (run.loss_chunk; default "
+                    "1024) and the '+lean' ones (default: the profile's)")  # fmt: skip
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument(
@@ -308,7 +309,7 @@ def main() -> None:
             "device": device,
             "compile_quantize": not args.eager_quantize,
             "seed": args.seed,
-            "loss_chunk": args.loss_chunk if "chunk" in flags else 0,
+            "loss_chunk": (args.loss_chunk or 1024) if "chunk" in flags else 0,
             "compact": list(CompactSaved) if "compact" in flags else [],
             "states": "fp32",
             "grad_dtype": "fp32",
@@ -317,7 +318,7 @@ def main() -> None:
             lean = load_config(overrides={"run.memory": "lean"})
             spec.update(compact=list(lean.run.compact_activations), states=lean.optim.states,
                         grad_dtype=lean.optim.grad_dtype,
-                        loss_chunk=lean.run.loss_chunk)  # fmt: skip
+                        loss_chunk=args.loss_chunk or lean.run.loss_chunk)  # fmt: skip
         t0 = time.perf_counter()
         out = run_child(spec)
         took = time.perf_counter() - t0

@@ -118,3 +118,21 @@ def test_every_recipe_keeps_its_forward_under_compact_activations(recipe):
     assert torch.equal(loss_p, loss_c)
     assert all(g.isfinite().all() for g in grads_c.values())
     assert not torch.equal(grads_c["norm.weight"], grads_p["norm.weight"])
+
+
+@pytest.mark.parametrize("recipe", ["bf16", "mxfp8"])
+def test_attention_out_recomputes_sdpa_bit_for_bit_and_keeps_less(recipe):
+    """``attention-out``: SDPA keeps q, k, v whole and not its output (wo keeps its own copy
+    of that); SDPA runs again in backward. The gradients are the plain model's bit for bit,
+    and what is saved shrinks by the outputs (bf16, [tokens, d_model] per block)."""
+    x, y = _batch(7)
+    plain = _model(recipe, seed=8)
+    lean = copy.deepcopy(plain).set_compact_activations(["attention-out"])
+    assert all(b.attention.recompute_out and not b.attention.compact for b in lean.layers)
+    loss_p, grads_p, bytes_p = _step(plain, x, y)
+    loss_l, grads_l, bytes_l = _step(lean, x, y)
+    assert torch.equal(loss_p, loss_l)
+    for n in grads_p:
+        assert torch.equal(grads_p[n], grads_l[n]), n
+    tokens, d = x.numel(), plain.cfg.d_model
+    assert bytes_p - bytes_l >= plain.cfg.n_layers * tokens * d * 2, (bytes_p, bytes_l)

@@ -195,7 +195,7 @@ class MemoryProfile(enum.StrEnum):
 # that field itself (mxfp8.config.train_config applies it). Which savers are in, and why the
 # others are not, is measured in docs/performance.md and docs/results.md.
 LEAN_PROFILE: dict[str, Any] = {
-    "run.compact_activations": ["norm", "swiglu"],
+    "run.compact_activations": ["norm", "swiglu", "attention-out"],
     "run.loss_chunk": 1024,
     "optim.states": "fp8",
     "optim.grad_dtype": "bf16",
@@ -260,7 +260,8 @@ class RunConfig:
         "non-linear activations saved for backward as MX (FP8 codes + E8M0 scales), any of "
         "norm (the RMSNorm inputs), swiglu (the SwiGLU inputs) and attention (SDPA's q, k, v; "
         "SDPA recomputed in backward); the forward is unchanged, the gradients are taken at "
-        "the MX of those tensors (docs/performance.md)",
+        "the MX of those tensors (docs/performance.md). attention-out: SDPA's output is not "
+        "saved but recomputed from q, k, v (exact)",
     )
     memory: MemoryProfile = opt(
         MemoryProfile.DEFAULT,

@@ -56,6 +56,9 @@ class CompactSaved(enum.StrEnum):
     NORM = "norm"  # the input of every RMSNorm (the fp32 residual stream)
     ATTENTION = "attention"  # SDPA's q, k, v (its output and statistics are recomputed)
     SWIGLU = "swiglu"  # the SwiGLU's two inputs, w1 x and w3 x
+    # SDPA's output and statistics not saved but recomputed from q, k, v kept whole: exact
+    # (the output is wo's input, of which wo keeps its own MX copy)
+    ATTENTION_OUT = "attention-out"
 
     @classmethod
     def parse_all(cls, names: Sequence[str]) -> frozenset[CompactSaved]:

@@ -78,6 +78,7 @@ class Attention(nn.Module):
     supports_quantized_bmm = True
     bmm_recipe = None
     compact = False  # save q, k, v for backward as MX (Transformer.set_compact_activations)
+    recompute_out = False  # save q, k, v whole, recompute SDPA's output in backward (exact)
     compact_compiled = False
     observer = None
     name = ""
@@ -110,8 +111,10 @@ class Attention(nn.Module):
         if past and T > 1:  # query i (position past + i) sees keys 0 .. past + i
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
         gqa = self.n_kv_heads != self.n_heads
-        if self.compact and cache is None:  # q, k, v saved as MX; SDPA recomputed in backward
-            y = compact_call(sdpa, q, k, v, not past, gqa, compact=(True, True, True, False, False),
+        if (self.compact or self.recompute_out) and cache is None:
+            # q, k, v saved as MX (compact) or whole; SDPA recomputed in backward from them
+            flags = (self.compact,) * 3 + (False, False)
+            y = compact_call(sdpa, q, k, v, not past, gqa, compact=flags,
                              compiled=self.compact_compiled)  # fmt: skip
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not past,

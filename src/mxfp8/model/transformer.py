@@ -194,8 +194,10 @@ class Transformer(nn.Module):
         """Save the named non-linear activations for backward as MX (``"norm"``,
         ``"attention"``, ``"swiglu"``; :class:`~mxfp8.layers.compact_activations.CompactSaved`)
         and the others whole; returns self. The forward is unchanged bit for bit; the
-        gradients become those at the MX of the saved tensors. Attention compacts only where
-        SDPA runs (not the MX attention BMMs). ``compiled``: the compiled quantizers."""
+        gradients become those at the MX of the saved tensors. ``"attention-out"`` keeps
+        SDPA's q, k, v whole but not its output: SDPA runs again in backward, and the
+        gradients are unchanged bit for bit. Attention compacts only where SDPA runs (not the
+        MX attention BMMs). ``compiled``: the compiled quantizers."""
         chosen = CompactSaved.parse_all([str(w) for w in which])
         for module in self.modules():
             kind = {RMSNorm: CompactSaved.NORM, FeedForward: CompactSaved.SWIGLU,
@@ -203,6 +205,8 @@ class Transformer(nn.Module):
             if kind is not None:
                 module.compact = kind in chosen
                 module.compact_compiled = compiled
+            if kind is CompactSaved.ATTENTION:
+                module.recompute_out = CompactSaved.ATTENTION_OUT in chosen
         self.compact_activations = chosen
         return self
 
