@@ -10,7 +10,8 @@ mxfp8's.
 Target (issue 24): ``--memory lean`` at most 1.15x mxfp8's step time.
 
 Usage: python benchmarks/lean_step.py [--threads 2] [--steps 3] [--warmup 2]
-           [--variants mxfp8,lean,norm,swiglu,attention,chunk,fp8-states,bf16-grads]
+           [--variants mxfp8,lean,norm,swiglu,attention,attention-out,chunk,fp8-states,
+                       bf16-grads]
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def variants() -> dict[str, dict[str, Any]]:
         "norm": {**PLAIN, "compact": ("norm",)},
         "swiglu": {**PLAIN, "compact": ("swiglu",)},
         "attention": {**PLAIN, "compact": ("attention",)},
+        "attention-out": {**PLAIN, "compact": ("attention-out",)},
         "chunk": {**PLAIN, "loss_chunk": lean.run.loss_chunk},
         "fp8-states": {**PLAIN, "states": "fp8"},
         "bf16-grads": {**PLAIN, "grad_dtype": "bf16"},
