@@ -1,4 +1,5 @@
-"""AdamW state storage side by side: fp32, bf16, our 8-bit MX blocks, torchao's 8-bit AdamWs.
+"""AdamW state storage side by side: fp32, bf16, ours (m in MX FP8, v in bf16), torchao's 8-bit
+AdamWs.
 
 For each variant, on the ``tiny`` model (vocab 512, Shakespeare):
 
@@ -12,10 +13,11 @@ For each variant, on the ``tiny`` model (vocab 512, Shakespeare):
 - **resume**: 3 steps, the state dict through bytes (``torch.load(weights_only=True)``, what
   ``state.pt`` is read with) and through DCP into a fresh optimizer, then 3 more steps: are
   the weights bit-identical to 6 uninterrupted steps?
-- **v storage**: for the 8-bit format, the error of the stored second moment after the fp32
-  run, stored directly in E4M3 blocks against stored as sqrt(v) (the choice in
-  :mod:`mxfp8.optim.fp8_states`): the share of non-zero v that rounds to 0, and the relative
-  error of sqrt(v) (Adam's denominator);
+- **v storage**: the error of the fp32 run's second moment stored once in 8 bits, directly in
+  E4M3 blocks against as sqrt(v) (the first version of :mod:`mxfp8.optim.fp8_states`): the
+  share of non-zero v that rounds to 0, and the relative error of sqrt(v). One rounding does
+  not show what decided against both, the stagnation of a v rounded every step
+  (docs/architecture.md); v is now bf16;
 - **gradient MiB** (optim.grad_dtype): over one backward in one process, the peak of the fp32
   ``p.grad`` tensors plus the bf16 store, and what is held at the end.
 
