@@ -30,8 +30,8 @@ SHORT_FLAGS: dict[str, tuple[str, str, str]] = {
     "--memory": (
         "run.memory",
         "PROFILE",
-        "memory profile: default, or lean (every saver that "
-        "kept the loss equivalent) = --run.memory",
+        "memory profile: default, or lean (the memory savers "
+        "of docs/performance.md) = --run.memory",
     ),
     "--init-from": (
         "run.init_from",

@@ -265,8 +265,8 @@ class RunConfig:
     )
     memory: MemoryProfile = opt(
         MemoryProfile.DEFAULT,
-        "default, or lean: a profile that sets every memory saver that kept the loss "
-        "equivalent (docs/performance.md) unless the config sets that field itself: "
+        "default, or lean: a profile of memory savers (docs/performance.md; its loss against "
+        "mxfp8: docs/results.md), applied unless the config sets that field itself: "
         + ", ".join(f"{k} = {v!r}" for k, v in LEAN_PROFILE.items()),
     )
     init_from: str = opt(
