@@ -94,10 +94,6 @@ def saved_mx(t: torch.Tensor, *, compiled: bool = False) -> MXTensor:
                     compiled=compiled)  # fmt: skip
 
 
-def _restore(q: MXTensor, dtype: torch.dtype, compiled: bool) -> torch.Tensor:
-    return dequantize(q, dtype, compiled=compiled)
-
-
 class _CompactCall(torch.autograd.Function):
     """``fn(*args)``; saves the arguments flagged in ``which`` as MX. See the module docstring."""
 
@@ -139,7 +135,7 @@ class _CompactCall(torch.autograd.Function):
             if entry[0] == "mx":
                 _, i, dtype, meta = entry
                 q = MXTensor(saved[i], saved[i + 1], **meta)
-                inputs.append(_restore(q, dtype, ctx.compiled))
+                inputs.append(dequantize(q, dtype, compiled=ctx.compiled))
             elif entry[0] == "whole":
                 inputs.append(saved[entry[1]])
             else:

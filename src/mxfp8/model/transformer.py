@@ -165,7 +165,6 @@ class Transformer(nn.Module):
         # how training forwards trade compute for memory; not a shape property, so not in cfg
         self.activation_checkpointing = ActivationCheckpointing.NONE
         self.loss_chunk = 0  # tokens per chunk of the LM head and loss in training (0: all)
-        self.compact_activations: frozenset[CompactSaved] = frozenset()
         self.init_weights()
 
     def set_activation_checkpointing(self, mode: ActivationCheckpointing | str) -> Transformer:
@@ -199,15 +198,15 @@ class Transformer(nn.Module):
         gradients are unchanged bit for bit. Attention compacts only where SDPA runs (not the
         MX attention BMMs). ``compiled``: the compiled quantizers."""
         chosen = CompactSaved.parse_all([str(w) for w in which])
+        kinds = {RMSNorm: CompactSaved.NORM, FeedForward: CompactSaved.SWIGLU,
+                 Attention: CompactSaved.ATTENTION}  # fmt: skip
         for module in self.modules():
-            kind = {RMSNorm: CompactSaved.NORM, FeedForward: CompactSaved.SWIGLU,
-                    Attention: CompactSaved.ATTENTION}.get(type(module))  # fmt: skip
+            kind = kinds.get(type(module))
             if kind is not None:
                 module.compact = kind in chosen
                 module.compact_compiled = compiled
             if kind is CompactSaved.ATTENTION:
                 module.recompute_out = CompactSaved.ATTENTION_OUT in chosen
-        self.compact_activations = chosen
         return self
 
     @torch.no_grad()
