@@ -39,6 +39,7 @@ import torch
 from mxfp8.numerics.formats import E4M3, ScaleRule
 from mxfp8.numerics.quantize import dequantize, quantize
 from mxfp8.numerics.tensor import MXTensor
+from mxfp8.optim.adamw import StoredMomentsAdamW, local_shard
 
 BLOCK = 32
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -48,11 +49,6 @@ V_DTYPE = torch.bfloat16  # the second moment of the matrices (module doc: why n
 def blockable(p: torch.Tensor) -> bool:
     """Whether ``p`` gets 8-bit moments: a matrix whose last dim is a multiple of 32."""
     return p.dim() >= 2 and p.shape[-1] % BLOCK == 0 and p.numel() > 0
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (a view of its storage); a plain tensor as it is."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _like(p: torch.Tensor, local: torch.Tensor, global_shape: tuple[int, ...]) -> torch.Tensor:
@@ -92,8 +88,9 @@ class _Raw:
         self.t = t
 
 
-class AdamWFP8States(torch.optim.Optimizer):
-    """AdamW with 8-bit MX-blocked moments (module doc); math in fp32 on fp32 master weights.
+class AdamWFP8States(StoredMomentsAdamW):
+    """AdamW with an 8-bit MX-blocked m and a bf16 v (module doc); math in fp32 on fp32 master
+    weights (the loop: :class:`~mxfp8.optim.adamw.StoredMomentsAdamW`).
 
     ``compiled`` / ``kernel`` choose the MX quantization kernel as in
     :func:`mxfp8.numerics.quantize.quantize` (default: the compiled one of the device). All
@@ -102,16 +99,16 @@ class AdamWFP8States(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
                  compiled: bool = True, kernel: str | None = None):  # fmt: skip
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         self.kernel = {"compiled": compiled, "kernel": kernel}
 
-    def _init_state(self, p: torch.Tensor) -> dict:
+    def init_state(self, p: torch.Tensor) -> dict:
         state: dict = {"step": torch.zeros((), dtype=torch.float32)}
         if not blockable(p):
             for key in MOMENTS:
                 state[key] = torch.zeros_like(p, dtype=torch.float32)
             return state
-        local = _local(p)
+        local = local_shard(p)
         scale_local = (*local.shape[:-1], local.shape[-1] // BLOCK)
         scale_global = (*p.shape[:-1], p.shape[-1] // BLOCK)
         codes = torch.zeros(local.shape, dtype=torch.uint8, device=local.device)
@@ -121,36 +118,18 @@ class AdamWFP8States(torch.optim.Optimizer):
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=V_DTYPE)
         return state
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state.update(self._init_state(p))
-                state["step"] += 1
-                t = state["step"].item()
-                w, g = _local(p), _local(p.grad).float()
-                if "exp_avg" in state:  # fp32 moments (vectors, odd sizes)
-                    m_l = _local(state["exp_avg"]).lerp_(g, 1 - beta1)
-                    v_l = _local(state["exp_avg_sq"]).mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                else:
-                    codes, scale = _local(state["exp_avg_codes"]), _local(state["exp_avg_scale"])
-                    m_l = decode(codes, scale, **self.kernel).lerp_(g, 1 - beta1)
-                    v_bf16 = _local(state["exp_avg_sq"])
-                    v_l = v_bf16.float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                    encode_(m_l, codes, scale, **self.kernel)
-                    v_bf16.copy_(v_l)
-                w.mul_(1 - lr * wd)
-                bias1, bias2 = 1 - beta1**t, 1 - beta2**t
-                denom = (v_l / bias2).sqrt_().add_(eps)
-                w.addcdiv_(m_l, denom, value=-lr / bias1)
-        return loss
+    def load(self, p: torch.Tensor, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if "exp_avg" in state:  # fp32 moments (vectors, odd sizes): updated where they are
+            return local_shard(state["exp_avg"]), local_shard(state["exp_avg_sq"])
+        codes, scale = local_shard(state["exp_avg_codes"]), local_shard(state["exp_avg_scale"])
+        return decode(codes, scale, **self.kernel), local_shard(state["exp_avg_sq"]).float()
+
+    def store(self, p: torch.Tensor, state: dict, m: torch.Tensor, v: torch.Tensor) -> None:
+        if "exp_avg" in state:
+            return
+        codes, scale = local_shard(state["exp_avg_codes"]), local_shard(state["exp_avg_scale"])
+        encode_(m, codes, scale, **self.kernel)
+        local_shard(state["exp_avg_sq"]).copy_(v)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load, keeping the codes and scales uint8 (the base class would cast them to the

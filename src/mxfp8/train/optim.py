@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from mxfp8.config.sections import LossScaleMode, ScheduleKind
+from mxfp8.optim.adamw import StoredMomentsAdamW, local_shard
 from mxfp8.optim.fp8_states import AdamWFP8States
 
 if TYPE_CHECKING:
@@ -51,43 +52,26 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     ]
 
 
-class AdamWBF16States(torch.optim.Optimizer):
+class AdamWBF16States(StoredMomentsAdamW):
     """AdamW whose two moments are stored in bf16 (halving optimizer memory).
 
     The update is computed in fp32 from the bf16 moments and applied to the fp32 master
-    weights; only the stored moments are rounded. ``torch.optim.AdamW`` requires moments of the
-    parameter's dtype, hence this small class.
+    weights; only the stored moments are rounded (the loop:
+    :class:`~mxfp8.optim.adamw.StoredMomentsAdamW`). ``torch.optim.AdamW`` requires moments
+    of the parameter's dtype, hence this small class.
     """
 
-    def __init__(self, params, lr: float, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+    def init_state(self, p: torch.Tensor) -> dict:
+        return {"step": torch.zeros((), dtype=torch.float32),
+                "exp_avg": torch.zeros_like(p, dtype=torch.bfloat16),
+                "exp_avg_sq": torch.zeros_like(p, dtype=torch.bfloat16)}  # fmt: skip
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.bfloat16)
-                state["step"] += 1
-                t = state["step"].item()
-                g = p.grad.float()
-                m = state["exp_avg"].float().lerp_(g, 1 - beta1)
-                v = state["exp_avg_sq"].float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                state["exp_avg"].copy_(m)
-                state["exp_avg_sq"].copy_(v)
-                p.mul_(1 - lr * wd)
-                bias1, bias2 = 1 - beta1**t, 1 - beta2**t
-                denom = (v / bias2).sqrt_().add_(eps)
-                p.addcdiv_(m, denom, value=-lr / bias1)
-        return loss
+    def load(self, p: torch.Tensor, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return local_shard(state["exp_avg"]).float(), local_shard(state["exp_avg_sq"]).float()
+
+    def store(self, p: torch.Tensor, state: dict, m: torch.Tensor, v: torch.Tensor) -> None:
+        local_shard(state["exp_avg"]).copy_(m)
+        local_shard(state["exp_avg_sq"]).copy_(v)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load, then put the moments back in bf16.
@@ -228,16 +212,12 @@ class LossScaler:
 # --- clipping ------------------------------------------------------------------------------
 
 
-def _local(g: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a sharded (DTensor) gradient; a plain tensor as it is."""
-    return g.to_local() if hasattr(g, "to_local") else g
-
-
 def _norm(grads: list[torch.Tensor], reduce_sq: Callable | None = None) -> torch.Tensor:
     """L2 norm of ``grads``. With ``reduce_sq`` (sharded gradients) the squares of this rank's
     shards are summed, then ``reduce_sq`` sums them over the ranks (in place)."""
     if reduce_sq is not None:
-        local = [torch.linalg.vector_norm(_local(g).float(), dtype=torch.float64) for g in grads]
+        local = [torch.linalg.vector_norm(local_shard(g).float(), dtype=torch.float64)
+                 for g in grads]  # fmt: skip
         sq = torch.stack(local).square().sum() if local else torch.zeros((), dtype=torch.float64)
         return reduce_sq(sq.reshape(1)).reshape(()).sqrt().float()
     if not grads:
