@@ -30,7 +30,7 @@ from mxfp8.layers.convert import convert_model
 from mxfp8.layers.step import step_window
 from mxfp8.model.config import model_config
 from mxfp8.model.transformer import Transformer
-from mxfp8.optim.bf16_grads import BF16Grads
+from mxfp8.optim.bf16_grads import BF16Grads, gradient_holders, step_optimizer
 from mxfp8.train.optim import build_optimizer, clip_gradients
 
 MODEL = {"d_model": 1024, "n_layers": 4, "ffn_hidden": 2816, "n_heads": 8, "n_kv_heads": 2}
@@ -72,12 +72,10 @@ def make_step(spec: dict[str, Any], batch: int, seq: int, vocab: int):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 _, loss = model(x, y)
             loss.backward()
-        named = list(model.named_parameters()) if held is None else held.holders()
+        named = gradient_holders(model.named_parameters(), held)
         clip_gradients(named, ocfg.grad_clip)
-        if held is None:
-            opt.step()
-        else:
-            held.step(opt)
+        step_optimizer(opt, held)
+        if held is not None:
             held.clear()
         opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t

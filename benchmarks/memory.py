@@ -73,7 +73,7 @@ from mxfp8.layers.linear import MXLinear
 from mxfp8.layers.step import step_window
 from mxfp8.model.config import model_config
 from mxfp8.model.transformer import Transformer
-from mxfp8.optim.bf16_grads import BF16Grads
+from mxfp8.optim.bf16_grads import BF16Grads, gradient_holders, step_optimizer
 from mxfp8.train.optim import build_optimizer, clip_gradients
 
 RESULT_TAG = "MEMORY-RESULT "  # the child's JSON line; anything else it prints is ignored
@@ -135,13 +135,11 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             loss.backward()
             del loss
         parts["scratch"] = scratch_bytes(mx_layers)
-        named = list(model.named_parameters()) if held is None else held.holders()
+        named = gradient_holders(model.named_parameters(), held)
         parts["gradients"] = nbytes([p.grad for _, p in named])
         clip_gradients(named, ocfg.grad_clip, ocfg.module_thresholds())
-        if held is None:
-            opt.step()
-        else:
-            held.step(opt)
+        step_optimizer(opt, held)
+        if held is not None:
             held.clear()
         opt.zero_grad(set_to_none=True)
 

@@ -90,3 +90,17 @@ class BF16Grads:
     def clear(self) -> None:
         """Drop every held gradient (after the step, or a skipped step)."""
         self.held.clear()
+
+
+def gradient_holders(named_params, grads: BF16Grads | None) -> list:
+    """What unscaling and clipping act on: the parameters themselves, or the (name, holder)
+    pairs of the bf16 store when gradients are held there."""
+    return list(named_params) if grads is None else grads.holders()
+
+
+def step_optimizer(optimizer: torch.optim.Optimizer, grads: BF16Grads | None) -> None:
+    """``optimizer.step()`` on the parameters' gradients, or on the bf16 store's."""
+    if grads is None:
+        optimizer.step()
+    else:
+        grads.step(optimizer)

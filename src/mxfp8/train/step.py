@@ -26,6 +26,7 @@ from torch import nn
 
 from mxfp8.data.batches import get_batch
 from mxfp8.layers.step import step_window
+from mxfp8.optim.bf16_grads import gradient_holders, step_optimizer
 from mxfp8.parallel.wrap import reduce_delayed_amax
 from mxfp8.train.optim import clip_gradients
 from mxfp8.train.runlog import peak_mem_mb
@@ -66,10 +67,9 @@ def run_step(s: Session, step: int, forward: nn.Module) -> dict[str, Any]:
     # the mean over ranks: what is logged, and the same Inf/NaN verdict on every rank
     loss_sum = s.comm.mean(loss_sum)
     scale_used = s.scaler.scale
-    params = s.named_params
     if s.grads is not None:  # optim.grad_dtype = bf16: unscale, clip and step the held grads
         s.grads.absorb()  # distributed: the reduced fp32 gradients (one process: none left)
-        params = s.grads.holders()
+    params = gradient_holders(s.named_params, s.grads)
     s.scaler.unscale_(p for _, p in params)
     # sharded gradients: the norms are over full parameters (squares summed over ranks)
     reduce = s.comm.sum_ if s.sharded and s.comm.active else None
@@ -78,10 +78,7 @@ def run_step(s: Session, step: int, forward: nn.Module) -> dict[str, Any]:
     loss_finite = math.isfinite(loss_sum)
     skip = found_inf or not loss_finite
     if not skip:
-        if s.grads is not None:
-            s.grads.step(s.optimizer)
-        else:
-            s.optimizer.step()
+        step_optimizer(s.optimizer, s.grads)
     s.scaler.update(skip)
     s.optimizer.zero_grad(set_to_none=True)
     if s.grads is not None:
