@@ -16,7 +16,7 @@ import torch
 
 def local_shard(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (a view of its storage); a plain tensor as it is."""
-    return t.tolocal_shard() if hasattr(t, "to_local") else t
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class StoredMomentsAdamW(torch.optim.Optimizer):
