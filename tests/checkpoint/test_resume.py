@@ -23,8 +23,9 @@ def _one_thread(one_thread):
     """Every test here compares training numbers: one torch thread (tests/conftest.py)."""
 
 
-def test_bf16_states_resume_is_bit_identical_and_stays_bf16(tmp_path, data_cache):
-    over = {"run.steps": 6, "optim.bf16_states": True}
+def _full_and_resumed(tmp_path, data_cache, over: dict) -> tuple[dict, dict]:
+    """A 6-step run in ``full``, and the same run stopped after step 3 and resumed in
+    ``part``: their metrics must be equal, bit for bit. Returns both runs' step-6 states."""
     train(load_config(None, small(tmp_path / "full", data_cache, **over)))
     train(load_config(None, small(tmp_path / "part", data_cache, **over, **{"run.stop_after": 3})))
     resumed = load_config(
@@ -32,8 +33,13 @@ def test_bf16_states_resume_is_bit_identical_and_stays_bf16(tmp_path, data_cache
     )
     train(resumed)
     assert exact(read_metrics(tmp_path / "part")) == exact(read_metrics(tmp_path / "full"))
-    a = ckpt.load_state(tmp_path / "full/checkpoints/step_0000006")
-    b = ckpt.load_state(tmp_path / "part/checkpoints/step_0000006")
+    return tuple(ckpt.load_state(tmp_path / d / "checkpoints/step_0000006")
+                 for d in ("full", "part"))  # fmt: skip
+
+
+def test_bf16_states_resume_is_bit_identical_and_stays_bf16(tmp_path, data_cache):
+    over = {"run.steps": 6, "optim.bf16_states": True}
+    a, b = _full_and_resumed(tmp_path, data_cache, over)
     for p, q in zip(
         a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True
     ):
@@ -44,15 +50,7 @@ def test_bf16_states_resume_is_bit_identical_and_stays_bf16(tmp_path, data_cache
 
 def test_fp8_states_resume_is_bit_identical_and_stays_compact(tmp_path, data_cache):
     over = {"run.steps": 6, "optim.states": "fp8"}
-    train(load_config(None, small(tmp_path / "full", data_cache, **over)))
-    train(load_config(None, small(tmp_path / "part", data_cache, **over, **{"run.stop_after": 3})))
-    resumed = load_config(
-        None, small(tmp_path / "part", data_cache, **over, **{"run.resume": True})
-    )
-    train(resumed)
-    assert exact(read_metrics(tmp_path / "part")) == exact(read_metrics(tmp_path / "full"))
-    a = ckpt.load_state(tmp_path / "full/checkpoints/step_0000006")
-    b = ckpt.load_state(tmp_path / "part/checkpoints/step_0000006")
+    a, b = _full_and_resumed(tmp_path, data_cache, over)
     n_8bit = 0
     for p, q in zip(
         a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True
@@ -70,13 +68,7 @@ def test_fp8_states_resume_is_bit_identical_and_stays_compact(tmp_path, data_cac
 def test_bf16_grads_with_fp8_states_resume_is_bit_identical(tmp_path, data_cache):
     over = {"run.steps": 6, "optim.grad_dtype": "bf16", "optim.states": "fp8",
             "run.grad_accum": 2}  # fmt: skip
-    train(load_config(None, small(tmp_path / "full", data_cache, **over)))
-    train(load_config(None, small(tmp_path / "part", data_cache, **over, **{"run.stop_after": 3})))
-    resumed = load_config(
-        None, small(tmp_path / "part", data_cache, **over, **{"run.resume": True})
-    )
-    train(resumed)
-    assert exact(read_metrics(tmp_path / "part")) == exact(read_metrics(tmp_path / "full"))
+    _full_and_resumed(tmp_path, data_cache, over)
 
 
 def test_optimizer_load_keeps_bf16_moments():

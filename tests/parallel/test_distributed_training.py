@@ -87,6 +87,28 @@ def _weights_gap(got: dict, want: dict, start: dict) -> float:
     return math.sqrt(diff / moved)
 
 
+def _assert_resume_follows(part, full, *, same_world_size: bool) -> None:
+    """A 4-step job stopped after step 2 and resumed (``part``) against the uninterrupted one
+    (``full``): bit-identical at the same world size; at another, steps 1-2 identical (the same
+    job's) and steps 3-4 and the final weights within the distributed bounds."""
+    got, want = metrics(part), metrics(full)
+    assert [m["step"] for m in got] == [1, 2, 3, 4]
+    keys = ("loss", "grad_norm", "val_loss")
+    if same_world_size:
+        assert [[m.get(k) for k in keys] for m in got] == [[m.get(k) for k in keys] for m in want]
+        return
+    assert [[m.get(k) for k in keys] for m in got[:2]] == [[m.get(k) for k in keys]
+                                                           for m in want[:2]]  # fmt: skip
+    rel_loss = _rel([m["loss"] for m in got[2:]], [m["loss"] for m in want[2:]])
+    rel_norm = _rel([m["grad_norm"] for m in got[2:]], [m["grad_norm"] for m in want[2:]])
+    assert max(rel_loss) <= REL and max(rel_norm) <= REL_NORM, (rel_loss, rel_norm)
+    cfg = load_config(latest_checkpoint(full) / "config.toml")
+    torch.manual_seed(cfg.run.seed)
+    start = Transformer(cfg.model.build()).state_dict()
+    final = [load_file(str(latest_checkpoint(d) / "model.safetensors")) for d in (part, full)]
+    assert _weights_gap(*final, start) <= REL_WEIGHTS
+
+
 def _assert_each_rank_saw_its_rows(ranks: list[dict], cfg) -> None:
     """Every micro-batch each rank trained on, and its validation batches, are the rank's own
     slice of the global batch (rows rank*n : (rank+1)*n): the slices are disjoint and, in
@@ -259,23 +281,7 @@ def test_resume_at_another_world_size(tmp_path, data_cache, first, then):
     mxfp8(first, [*common, "--out", str(full)])
     mxfp8(first, [*common, "--out", str(part), "--stop-after", "2"])
     mxfp8(then, ["train", "--resume", "--out", str(part), "--no-report"])
-    got, want = metrics(part), metrics(full)
-    assert [m["step"] for m in got] == [1, 2, 3, 4]
-    keys = ("loss", "grad_norm", "val_loss")
-    if first == then:  # bit-identical
-        assert [[m.get(k) for k in keys] for m in got] == [[m.get(k) for k in keys] for m in want]
-    else:  # steps 1-2 are the same job's; steps 3-4 ran at another world size
-        assert [[m.get(k) for k in keys] for m in got[:2]] == [
-            [m.get(k) for k in keys] for m in want[:2]
-        ]
-        rel_loss = _rel([m["loss"] for m in got[2:]], [m["loss"] for m in want[2:]])
-        rel_norm = _rel([m["grad_norm"] for m in got[2:]], [m["grad_norm"] for m in want[2:]])
-        assert max(rel_loss) <= REL and max(rel_norm) <= REL_NORM, (rel_loss, rel_norm)
-        cfg = load_config(latest_checkpoint(full) / "config.toml")
-        torch.manual_seed(cfg.run.seed)
-        start = Transformer(cfg.model.build()).state_dict()
-        final = [load_file(str(latest_checkpoint(d) / "model.safetensors")) for d in (part, full)]
-        assert _weights_gap(*final, start) <= REL_WEIGHTS
+    _assert_resume_follows(part, full, same_world_size=first == then)
     if first > 1:  # the final checkpoint's gathered weights == the shards read in one process
         final = latest_checkpoint(full)
         gathered = load_file(str(final / "model.safetensors"))
@@ -360,22 +366,7 @@ def test_fp8_states_resume_at_another_world_size(tmp_path, data_cache, first, th
         assert all(dtypes[f"{m}.exp_avg"] == torch.float32 for m in moments)
         assert all(dtypes[f"{m}.exp_avg_sq"] == torch.bfloat16 for m in matrices)
     mxfp8(then, ["train", "--resume", "--out", str(part), "--no-report"])
-    got, want = metrics(part), metrics(full)
-    assert [m["step"] for m in got] == [1, 2, 3, 4]
-    keys = ("loss", "grad_norm", "val_loss")
-    if first == then:  # bit-identical
-        assert [[m.get(k) for k in keys] for m in got] == [[m.get(k) for k in keys] for m in want]
-        return
-    assert [[m.get(k) for k in keys] for m in got[:2]] == [[m.get(k) for k in keys]
-                                                           for m in want[:2]]  # fmt: skip
-    rel_loss = _rel([m["loss"] for m in got[2:]], [m["loss"] for m in want[2:]])
-    rel_norm = _rel([m["grad_norm"] for m in got[2:]], [m["grad_norm"] for m in want[2:]])
-    assert max(rel_loss) <= REL and max(rel_norm) <= REL_NORM, (rel_loss, rel_norm)
-    cfg = load_config(latest_checkpoint(full) / "config.toml")
-    torch.manual_seed(cfg.run.seed)
-    start = Transformer(cfg.model.build()).state_dict()
-    final = [load_file(str(latest_checkpoint(d) / "model.safetensors")) for d in (part, full)]
-    assert _weights_gap(*final, start) <= REL_WEIGHTS
+    _assert_resume_follows(part, full, same_world_size=first == then)
 
 
 @pytest.mark.slow

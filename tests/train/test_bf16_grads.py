@@ -9,11 +9,12 @@ import math
 import pytest
 import torch
 from torch import nn
+from train_faults import InjectNaN
 
 from mxfp8.config.train_config import load_config
 from mxfp8.optim.bf16_grads import BF16Grads
 from mxfp8.train import golden
-from mxfp8.train.loop import TrainHook, train
+from mxfp8.train.loop import train
 from mxfp8.train.optim import clip_gradients
 from mxfp8.train.runlog import read_metrics
 
@@ -156,27 +157,9 @@ def test_training_with_bf16_grads_accumulation_and_loss_scaling(tmp_path, data_c
     assert b[-1]["loss"] < b[0]["loss"]
 
 
-class NaNGrad(TrainHook):
-    """On step 2 the feed-forward's input gradient becomes NaN (the forward stays finite)."""
-
-    def on_train_start(self, ctx) -> None:
-        self.target = dict(ctx.model.named_modules())["layers.0.feed_forward"]
-        self.handle = None
-
-    def on_step_start(self, step: int) -> None:
-        if step == 2:
-            hook = lambda m, gin, gout: tuple(g * float("nan") for g in gin)  # noqa: E731
-            self.handle = self.target.register_full_backward_hook(hook)
-
-    def on_step_end(self, step: int, metrics) -> None:
-        if self.handle is not None:
-            self.handle.remove()
-            self.handle = None
-
-
 def test_a_nonfinite_bf16_gradient_skips_the_step(tmp_path, data_cache):
     result = train(cfg(tmp_path / "run", data_cache, **{"optim.grad_dtype": "bf16"}),
-                   hooks=[NaNGrad()])  # fmt: skip
+                   hooks=[InjectNaN("layers.0.feed_forward", {2}, where="backward")])  # fmt: skip
     rows = {r["step"]: r for r in read_metrics(tmp_path / "run")}
     assert math.isfinite(rows[2]["loss"]) and rows[2]["nonfinite"] == "gradients"
     assert result.skipped_steps == 1 and result.completed
