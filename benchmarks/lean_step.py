@@ -30,7 +30,8 @@ from mxfp8.layers.convert import convert_model
 from mxfp8.layers.step import step_window
 from mxfp8.model.config import model_config
 from mxfp8.model.transformer import Transformer
-from mxfp8.optim.bf16_grads import BF16Grads, gradient_holders, step_optimizer
+from mxfp8.optim.bf16_grads import gradient_holders, step_optimizer
+from mxfp8.optim.mx_grads import gradient_store
 from mxfp8.train.optim import build_optimizer, clip_gradients
 
 MODEL = {"d_model": 1024, "n_layers": 4, "ffn_hidden": 2816, "n_heads": 8, "n_kv_heads": 2}
@@ -50,6 +51,9 @@ def variants() -> dict[str, dict[str, Any]]:
         "chunk": {**PLAIN, "loss_chunk": lean.run.loss_chunk},
         "fp8-states": {**PLAIN, "states": "fp8"},
         "bf16-grads": {**PLAIN, "grad_dtype": "bf16"},
+        "mx-grads": {**PLAIN, "grad_dtype": "mx"},
+        "lean-mx-grads": {"compact": lean.run.compact_activations, "loss_chunk":
+                          lean.run.loss_chunk, "states": lean.optim.states, "grad_dtype": "mx"},
     }  # fmt: skip
 
 
@@ -61,7 +65,7 @@ def make_step(spec: dict[str, Any], batch: int, seq: int, vocab: int):
     model.set_compact_activations(spec["compact"], compiled=True)
     ocfg = OptimConfig(states=spec["states"], grad_dtype=spec["grad_dtype"])
     opt = build_optimizer(model, ocfg)
-    held = BF16Grads(model.named_parameters(), hooks=True) if spec["grad_dtype"] == "bf16" else None
+    held = gradient_store(model.named_parameters(), spec["grad_dtype"], hooks=True)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, vocab, (batch, seq), generator=g)
     y = torch.randint(0, vocab, (batch, seq), generator=g)

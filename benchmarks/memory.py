@@ -39,7 +39,8 @@ A configuration is a recipe name with suffixes: ``+ac`` (block activation checkp
 ``+chunk`` (the LM head and loss in chunks of ``--loss-chunk`` tokens: ``run.loss_chunk``),
 ``+compact`` (the RMSNorm inputs, SDPA's q/k/v and the SwiGLU inputs saved as MX:
 ``run.compact_activations``), ``+lean`` (every field ``run.memory = lean`` sets: its compact
-activations, loss chunk, optimizer states and gradient dtype).
+activations, loss chunk, optimizer states and gradient dtype), ``+mxgrads`` (gradients held
+as MX: ``optim.grad_dtype = mx``, applied after ``+lean``).
 """
 
 from __future__ import annotations
@@ -73,13 +74,15 @@ from mxfp8.layers.linear import MXLinear
 from mxfp8.layers.step import step_window
 from mxfp8.model.config import model_config
 from mxfp8.model.transformer import Transformer
-from mxfp8.optim.bf16_grads import BF16Grads, gradient_holders, step_optimizer
+from mxfp8.optim.bf16_grads import gradient_holders, step_optimizer
+from mxfp8.optim.mx_grads import gradient_store
 from mxfp8.train.optim import build_optimizer, clip_gradients
 
 RESULT_TAG = "MEMORY-RESULT "  # the child's JSON line; anything else it prints is ignored
 # shape of the d_model-1024 model of benchmarks/train_step.py ("wide"), 4 layers: ~49 M params
 SUFFIXES = {"ac": "block activation checkpointing", "chunk": "run.loss_chunk",
-            "compact": "run.compact_activations = all", "lean": "run.memory = lean"}  # fmt: skip
+            "compact": "run.compact_activations = all", "lean": "run.memory = lean",
+            "mxgrads": "optim.grad_dtype = mx"}  # fmt: skip
 DEFAULTS = {"d_model": 1024, "layers": 4, "ffn": 2816, "heads": 8, "kv_heads": 2}
 
 
@@ -116,8 +119,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         saved.watch_inputs(enable_checkpointing(model, spec["ac"]))
     ocfg = OptimConfig(states=spec["states"], grad_dtype=spec["grad_dtype"])
     opt = build_optimizer(model, ocfg)
-    # optim.grad_dtype = bf16: each gradient taken into bf16 as autograd accumulates it
-    held = BF16Grads(model.named_parameters(), hooks=True) if spec["grad_dtype"] == "bf16" else None
+    # optim.grad_dtype = bf16 / mx: each gradient taken into the store as autograd finishes it
+    held = gradient_store(model.named_parameters(), spec["grad_dtype"], hooks=True)
     gen = torch.Generator().manual_seed(spec["seed"])
     vocab, shape = model.cfg.vocab_size, (spec["batch"], spec["seq"])
     x = torch.randint(0, vocab, shape, generator=gen).to(device)
@@ -317,6 +320,8 @@ def main() -> None:
             spec.update(compact=list(lean.run.compact_activations), states=lean.optim.states,
                         grad_dtype=lean.optim.grad_dtype,
                         loss_chunk=args.loss_chunk or lean.run.loss_chunk)  # fmt: skip
+        if "mxgrads" in flags:
+            spec["grad_dtype"] = "mx"
         t0 = time.perf_counter()
         out = run_child(spec)
         took = time.perf_counter() - t0

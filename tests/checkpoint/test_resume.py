@@ -71,6 +71,12 @@ def test_bf16_grads_with_fp8_states_resume_is_bit_identical(tmp_path, data_cache
     _full_and_resumed(tmp_path, data_cache, over)
 
 
+def test_lean_with_mx_grads_and_accumulation_resumes_bit_identically(tmp_path, data_cache):
+    over = {"run.steps": 6, "run.memory": "lean", "optim.grad_dtype": "mx",
+            "run.grad_accum": 2, "recipe.name": "mxfp8"}  # fmt: skip
+    _full_and_resumed(tmp_path, data_cache, over)
+
+
 def test_optimizer_load_keeps_bf16_moments():
     from mxfp8.train.optim import AdamWBF16States
 

@@ -295,13 +295,18 @@ def test_resume_at_another_world_size(tmp_path, data_cache, first, then):
         assert all(torch.equal(rebuilt[k], gathered[k]) for k in gathered)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_bf16_grads_on_two_processes_match_one_process(tmp_path, data_cache, mode):
-    """optim.grad_dtype = bf16: the gradients are taken into bf16 after the all-reduce (DDP)
-    or reduce-scatter (FSDP2), after the last of two micro-batches (DDP's no_sync before it);
-    the run matches one process holding bf16 gradients."""
-    same = {"recipe.name": "bf16", "optim.grad_dtype": "bf16", "run.grad_accum": 2}
+@pytest.mark.parametrize(
+    ("mode", "dtype"),
+    [pytest.param("ddp", "bf16", marks=pytest.mark.slow),
+     pytest.param("fsdp", "bf16", marks=pytest.mark.slow),
+     pytest.param("ddp", "mx", marks=pytest.mark.slow), ("fsdp", "mx")],
+)  # fmt: skip
+def test_compact_grads_on_two_processes_match_one_process(tmp_path, data_cache, mode, dtype):
+    """optim.grad_dtype = bf16 / mx: the gradients are taken into the store after the
+    all-reduce (DDP) or reduce-scatter (FSDP2: each rank's MX blocks of its rows, a true norm
+    summed over the ranks), after the last of two micro-batches (DDP's no_sync before it);
+    the run matches one process holding its gradients the same way."""
+    same = {"recipe.name": "bf16", "optim.grad_dtype": dtype, "run.grad_accum": 2}
     over = {"parallel.mode": mode, **same}
     res, _ = launch(2, "train", tmp_path / "two", str(data_cache), *_pairs(**over))
     assert res.returncode == 0, res.stderr[-4000:]

@@ -64,15 +64,17 @@ class OptimConfig:
         "fp32",
         "how AdamW stores its two moments (the update math is fp32 either way, on fp32 master "
         "weights): fp32; bf16 (half the memory); fp8 (a quarter: E4M3 codes with one E8M0 "
-        "scale per 32 along the last dim, v stored as sqrt(v); vectors and matrices whose last "
-        "dim is not a multiple of 32 keep fp32 moments)",
+        "scale per 32 along the last dim for m, v in bf16; vectors and matrices whose last dim "
+        "is not a multiple of 32 keep fp32 moments)",
     )
     bf16_states: bool = opt(False, "former spelling of states = 'bf16' (still read)")
-    grad_dtype: Literal["fp32", "bf16"] = opt(
+    grad_dtype: Literal["fp32", "bf16", "mx"] = opt(
         "fp32",
-        "dtype gradients are held in between backward and the optimizer step: bf16 halves "
-        "them (each is converted as it is accumulated; the update is still fp32 on fp32 "
-        "master weights)",
+        "how gradients are held between backward and the optimizer step: bf16 halves them "
+        "(each is converted as it is accumulated); mx holds each matrix whose last dim is a "
+        "multiple of 32 as E4M3 codes with one E8M0 scale per 32 (about a quarter of fp32), "
+        "the rest in bf16, and accumulates micro-batches in bf16 (the norm that is clipped is "
+        "the fp32 gradients'). The update is fp32 on fp32 master weights either way",
     )
 
     def __post_init__(self) -> None:
@@ -83,8 +85,8 @@ class OptimConfig:
         _check(self.grad_clip >= 0, "optim.grad_clip must be >= 0", self.grad_clip)
         _check(self.states in ("fp32", "bf16", "fp8"), "optim.states must be fp32, bf16 or fp8",
                self.states)  # fmt: skip
-        _check(self.grad_dtype in ("fp32", "bf16"), "optim.grad_dtype must be fp32 or bf16",
-               self.grad_dtype)  # fmt: skip
+        _check(self.grad_dtype in ("fp32", "bf16", "mx"),
+               "optim.grad_dtype must be fp32, bf16 or mx", self.grad_dtype)  # fmt: skip
         if self.bf16_states and self.states == "fp8":
             raise ConfigError(
                 "optim.bf16_states = true (the former spelling of optim.states = 'bf16') "

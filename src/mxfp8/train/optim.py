@@ -17,6 +17,7 @@ from torch import nn
 from mxfp8.config.sections import LossScaleMode, ScheduleKind
 from mxfp8.optim.adamw import StoredMomentsAdamW, local_shard
 from mxfp8.optim.fp8_states import AdamWFP8States
+from mxfp8.optim.mx_grads import MXHeldGrad
 
 if TYPE_CHECKING:
     from mxfp8.config.sections import LossScaleConfig, OptimConfig, ScheduleConfig
@@ -216,14 +217,22 @@ def _norm(grads: list[torch.Tensor], reduce_sq: Callable | None = None) -> torch
     """L2 norm of ``grads``. With ``reduce_sq`` (sharded gradients) the squares of this rank's
     shards are summed, then ``reduce_sq`` sums them over the ranks (in place)."""
     if reduce_sq is not None:
-        local = [torch.linalg.vector_norm(local_shard(g).float(), dtype=torch.float64)
+        local = [g.sq.sqrt() if isinstance(g, MXHeldGrad) else
+                 torch.linalg.vector_norm(local_shard(g).float(), dtype=torch.float64)
                  for g in grads]  # fmt: skip
         sq = torch.stack(local).square().sum() if local else torch.zeros((), dtype=torch.float64)
         return reduce_sq(sq.reshape(1)).reshape(()).sqrt().float()
     if not grads:
         return torch.zeros(())
-    return torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
+    return torch.linalg.vector_norm(  # an MX-held gradient: the norm of the fp32 one it held
+        torch.stack(
+            [
+                g.sq.sqrt().float()
+                if isinstance(g, MXHeldGrad)
+                else torch.linalg.vector_norm(g.float())
+                for g in grads
+            ]
+        )  # fmt: skip
     )
 
 

@@ -32,6 +32,7 @@ from mxfp8.layers.precision import load_layer_state, precision_state_dict
 from mxfp8.model.transformer import Transformer
 from mxfp8.numerics import backends
 from mxfp8.optim.bf16_grads import BF16Grads
+from mxfp8.optim.mx_grads import gradient_store
 from mxfp8.parallel import (
     LOCAL,
     Comm,
@@ -141,7 +142,7 @@ class Session:
     # fixed for the run: computed once here, not at every step
     named_params: list = field(default_factory=list)
     clip_thresholds: tuple = ()
-    # optim.grad_dtype = bf16: where the gradients are held between backward and the step
+    # optim.grad_dtype = bf16 / mx: where the gradients are held between backward and the step
     grads: BF16Grads | None = None
     step: int = 0
     tokens: int = 0
@@ -369,9 +370,8 @@ def build(cfg: TrainConfig, run_dir: Path, say, *, fresh: bool = True) -> Sessio
     # each rank evaluates its slice; the loop averages over the ranks
     val = [(rank_rows(x, comm), rank_rows(y, comm)) for x, y in val]
     named_params = list(model.named_parameters())
-    grads = None
-    if cfg.optim.grad_dtype == "bf16":  # one process: taken as accumulated; else after backward
-        grads = BF16Grads(named_params, hooks=mode is ParallelMode.NONE)
+    # one process: each gradient taken as autograd accumulates it; else after the reduction
+    grads = gradient_store(named_params, cfg.optim.grad_dtype, hooks=mode is ParallelMode.NONE)
     return Session(
         cfg=cfg,
         run_dir=run_dir,

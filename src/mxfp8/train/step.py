@@ -27,6 +27,7 @@ from torch import nn
 from mxfp8.data.batches import get_batch
 from mxfp8.layers.step import step_window
 from mxfp8.optim.bf16_grads import gradient_holders, step_optimizer
+from mxfp8.optim.mx_grads import MXGrads
 from mxfp8.parallel.wrap import reduce_delayed_amax
 from mxfp8.train.optim import clip_gradients
 from mxfp8.train.runlog import peak_mem_mb
@@ -58,6 +59,8 @@ def run_step(s: Session, step: int, forward: nn.Module) -> dict[str, Any]:
         for micro in range(accum):
             x, y = micro_batch(s, step, micro)
             later = no_sync is not None and micro < accum - 1
+            if isinstance(s.grads, MXGrads):  # MX once, after the last micro-batch's backward
+                s.grads.last = micro == accum - 1
             with no_sync() if later else contextlib.nullcontext():
                 with s.recipe.autocast(s.device.type):
                     _, loss = forward(x, y)
@@ -67,7 +70,7 @@ def run_step(s: Session, step: int, forward: nn.Module) -> dict[str, Any]:
     # the mean over ranks: what is logged, and the same Inf/NaN verdict on every rank
     loss_sum = s.comm.mean(loss_sum)
     scale_used = s.scaler.scale
-    if s.grads is not None:  # optim.grad_dtype = bf16: unscale, clip and step the held grads
+    if s.grads is not None:  # optim.grad_dtype bf16 / mx: unscale, clip, step the held grads
         s.grads.absorb()  # distributed: the reduced fp32 gradients (one process: none left)
     params = gradient_holders(s.named_params, s.grads)
     s.scaler.unscale_(p for _, p in params)
