@@ -75,7 +75,7 @@ from mxfp8.layers.step import step_window
 from mxfp8.model.config import model_config
 from mxfp8.model.transformer import Transformer
 from mxfp8.optim.bf16_grads import gradient_holders, step_optimizer
-from mxfp8.optim.mx_grads import gradient_store
+from mxfp8.optim.mx_grads import MXHeldGrad, gradient_store
 from mxfp8.train.optim import build_optimizer, clip_gradients
 
 RESULT_TAG = "MEMORY-RESULT "  # the child's JSON line; anything else it prints is ignored
@@ -139,7 +139,10 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             del loss
         parts["scratch"] = scratch_bytes(mx_layers)
         named = gradient_holders(model.named_parameters(), held)
-        parts["gradients"] = nbytes([p.grad for _, p in named])
+        grads = [p.grad for _, p in named]  # tensors, or MX-held gradients (their own bytes)
+        parts["gradients"] = nbytes([g for g in grads if not isinstance(g, MXHeldGrad)]) + sum(
+            g.nbytes() for g in grads if isinstance(g, MXHeldGrad)
+        )
         clip_gradients(named, ocfg.grad_clip, ocfg.module_thresholds())
         step_optimizer(opt, held)
         if held is not None:
@@ -163,6 +166,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     model.set_compact_activations(spec["compact"], compiled=False)
     if hasattr(opt, "kernel"):  # 8-bit states: their quantizer eager too (the same bits)
         opt.kernel = {"compiled": False, "kernel": None}
+    if hasattr(held, "kernel"):  # MX gradients: likewise
+        held.kernel = {"compiled": False, "kernel": None}
     try:
         live = live_peak(step, model, opt)
     except Exception as e:  # noqa: BLE001 - reported, the other figures stand
