@@ -9,6 +9,7 @@ import pytest
 from mxfp8.config.fields import ConfigError
 from mxfp8.config.sections import LossScaleMode, ScheduleKind
 from mxfp8.config.train_config import TrainConfig, config_keys, load_config
+from mxfp8.model.compiled_blocks import CompileMode
 
 
 def test_defaults_are_the_main_job():
@@ -42,7 +43,7 @@ def test_toml_round_trip_with_every_kind_of_value(tmp_path):
     cfg.save(path)
     again = load_config(path)
     assert again == cfg
-    assert again.schedule.kind is ScheduleKind.WSD and again.run.compile is True
+    assert again.schedule.kind is ScheduleKind.WSD and again.run.compile is CompileMode.MODEL
     assert again.recipe.build().keep_high_precision == ("output", "tok_embeddings", "layers.0.*")
     assert again.model.build().d_model == 192 and again.run.accum_steps == 2
     assert again.optim.module_thresholds() == (("layers.*.attention.*", 0.5), ("output", 2.0))
@@ -66,7 +67,10 @@ def test_overrides_on_top_of_a_file_and_preset_reset(tmp_path):
         ({"optim.lrr": "1"}, "unknown config key optim.lrr (did you mean optim.lr?); valid keys"),
         ({"optim.lr": "fast"}, "invalid value 'fast' for optim.lr (expected float)"),
         ({"run.steps": "1.5"}, "invalid value '1.5' for run.steps (expected int)"),
-        ({"run.compile": "maybe"}, "invalid value 'maybe' for run.compile (expected bool)"),
+        (
+            {"run.compile": "maybe"},
+            "invalid value 'maybe' for run.compile (expected {none|block|model})",
+        ),
         ({"schedule.kind": "linear"}, "{warmup-cosine|constant|wsd}"),
         ({"run.steps": "0"}, "run.steps must be >= 1"),
         ({"run.quantize_kernel": "fast"}, "run.quantize_kernel (expected {auto|eager|inductor"),

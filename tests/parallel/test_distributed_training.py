@@ -340,6 +340,29 @@ def test_memory_lean_on_two_processes_matches_one_process(tmp_path, data_cache, 
     assert ran.run.compact_activations == ("norm", "swiglu", "attention")
 
 
+@pytest.mark.slow  # three processes compile (about 2 minutes on 2 cores)
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_compiled_checkpointed_blocks_on_two_processes_match_one_process(
+    tmp_path, data_cache, mode
+):
+    """run.compile = block with block checkpointing: each rank compiles its blocks before
+    FSDP2 shards them (torchtitan's order) or DDP wraps the model; the run matches one process
+    of the same config within the distributed bounds."""
+    same = {"recipe.name": "mxfp8", "run.compile": "block",
+            "run.activation_checkpointing": "block"}  # fmt: skip
+    res, _ = launch(2, "train", tmp_path / "two", str(data_cache),
+                    *_pairs(**{"parallel.mode": mode, **same}))  # fmt: skip
+    assert res.returncode == 0, res.stderr[-4000:]
+    r0, r1 = per_rank(tmp_path / "two", 2)
+    assert r0["losses"] == r1["losses"] and r0["digest"] == r1["digest"]
+    one = _single(tmp_path, data_cache, **same)
+    _assert_matches_one_process(r0["losses"], r0["grad_norms"], one["losses"], one["grad_norms"])
+    two_w, one_w = (torch.load(d / "rank0.pt") for d in (tmp_path / "two", tmp_path / "single"))
+    assert _weights_gap(two_w["end"], one_w["end"], one_w["start"]) <= REL_WEIGHTS
+    ran = load_config(tmp_path / "two" / "run" / "config.toml")
+    assert ran.run.compile == "block"
+
+
 def _dcp_optimizer_dtypes(checkpoint) -> dict[str, torch.dtype]:
     """Optimizer state entries of a DCP checkpoint (name -> dtype), read from its metadata."""
     from torch.distributed.checkpoint import FileSystemReader

@@ -319,10 +319,13 @@ def test_an_invalid_value_is_a_clear_config_error():
         Transformer(CFG).set_activation_checkpointing("all")
 
 
-def test_compile_with_checkpointing_is_refused():
-    """torch.compile recomputes in its own graph, whose numbers differ from the plain run's
-    (seen on CPU in bf16): the option would no longer be 'memory and time, never numbers'."""
+def test_whole_model_compile_with_checkpointing_is_refused():
+    """torch.compile of the whole model recomputes in its own graph, whose numbers differ from
+    the plain run's (seen on CPU in bf16): the option would no longer be 'memory and time,
+    never numbers'. Compiled blocks are checkpointed from outside (test_compiled_blocks.py)."""
     with pytest.raises(ConfigError, match="run.activation_checkpointing = block cannot be "
-                                          "combined with run.compile = true"):  # fmt: skip
+                                          "combined with run.compile = model"):  # fmt: skip
         load_config(None, {"run.activation_checkpointing": "block", "run.compile": True})
-    assert load_config(None, {"run.compile": True}).run.compile  # each alone is fine
+    assert load_config(None, {"run.compile": True}).run.compile == "model"  # each alone is fine
+    both = {"run.activation_checkpointing": "block", "run.compile": "block"}
+    assert load_config(None, both).run.compile == "block"

@@ -55,7 +55,7 @@ RESUMABLE_FIELDS = frozenset(
         "run.telemetry_every",
         "run.max_nonfinite_steps",
         "run.device",  # results stay exact on one machine; a move is the user's choice
-        "run.compile",
+        "run.compile",  # compiled numbers follow eager ones within a measured tolerance
         "run.compile_quantize",  # the compiled quantizers are bit-exact with the eager ones
         "run.quantize_kernel",  # every kernel gives the same bits (tested)
         "run.init_from",  # read at step 0 only; a resume continues from the checkpoint

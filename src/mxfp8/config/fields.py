@@ -156,7 +156,10 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         for m in tp:
             if str(m.value) == str(value) or m.name.lower() == str(value).lower():
                 return m
-        raise ConfigError(bad)
+        try:  # an Enum's own aliases (its _missing_), e.g. a former boolean spelling
+            return tp(value)
+        except ValueError:
+            raise ConfigError(bad) from None
     if tp is bool:
         if isinstance(value, bool):
             return value

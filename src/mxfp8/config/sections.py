@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from mxfp8.config.fields import ConfigError, opt
 from mxfp8.layers.compact_activations import CompactSaved
+from mxfp8.model.compiled_blocks import CompileMode
 from mxfp8.model.transformer import ActivationCheckpointing
 from mxfp8.parallel.env import Backend, ParallelMode, ParamDtype
 
@@ -233,7 +234,13 @@ class RunConfig:
     eval_batches: int = opt(4, "validation batches per evaluation")
     ckpt_every: int = opt(0, "checkpoint every N steps (0 = only at the end / at stop_after)")
     keep_last: int = opt(2, "checkpoints kept on disk (older ones are deleted)")
-    compile: bool = opt(False, "torch.compile the whole model")
+    compile: CompileMode = opt(
+        CompileMode.NONE,
+        "torch.compile in training: none; block (each transformer block compiled in place, "
+        "torchtitan's pattern: composes with activation checkpointing; MX recipes whose "
+        "layers trace, docs/performance.md); model (the whole model: no checkpointing, no "
+        "distributed). true/false, the former spelling, read as model/none",
+    )
     compile_quantize: bool = opt(
         True, "torch.compile only the MX quantizers (fast on CPU; the first step compiles)"
     )
@@ -248,7 +255,7 @@ class RunConfig:
         "none, or block: keep only each transformer block's input in the forward pass and "
         "recompute the block in backward; cuts activation memory to about one tensor per "
         "block for roughly one more forward pass of compute; results are bit-identical "
-        "(not available with run.compile)",
+        "(not available with run.compile = model)",
     )
     loss_chunk: int = opt(
         0,
@@ -304,10 +311,15 @@ class RunConfig:
             CompactSaved.parse_all(self.compact_activations)
         except ValueError as e:
             raise ConfigError(f"run.memory / run.compact_activations: {e}") from None
-        if self.compile and self.compact_activations:
+        try:
+            object.__setattr__(self, "compile", CompileMode.parse(self.compile))
+        except ValueError as e:
+            raise ConfigError(f"run.compile: {e}") from None
+        if self.compile is not CompileMode.NONE and self.compact_activations:
             raise ConfigError(
-                "run.compact_activations cannot be combined with run.compile = true yet: its "
-                "autograd function is not traced by torch.compile; turn one of them off"
+                f"run.compact_activations cannot be combined with run.compile = "
+                f"{self.compile.value} yet: its autograd function is not traced by "
+                "torch.compile; turn one of them off"
             )
         if self.resume not in (True, False, "auto") or not isinstance(self.resume, bool | str):
             raise ConfigError(
@@ -319,13 +331,14 @@ class RunConfig:
                 f"invalid value {self.quantize_kernel!r} for run.quantize_kernel "
                 f"(expected {{{'|'.join(kernels)}}})"
             )
-        if self.compile and mode is not ActivationCheckpointing.NONE:
+        if self.compile is CompileMode.MODEL and mode is not ActivationCheckpointing.NONE:
             # under torch.compile the compiler recomputes in its own graph, and the numbers
             # moved (bf16, CPU): this option promises they never do, and it is resumable
             raise ConfigError(
                 f"run.activation_checkpointing = {mode.value} cannot be combined with "
-                "run.compile = true: compiled recomputation is not bit-identical to the plain "
-                "run; turn one of them off"
+                "run.compile = model: compiled recomputation is not bit-identical to the "
+                "plain run; use run.compile = block (checkpointed from outside) or turn one "
+                "of them off"
             )
         for name in ("tokens_per_step", "stop_after", "eval_every", "ckpt_every",
                      "telemetry_every", "max_nonfinite_steps", "loss_chunk"):  # fmt: skip

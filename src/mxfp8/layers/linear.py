@@ -251,6 +251,13 @@ class MXLinear(nn.Linear):
         with torch.autocast(x2d.device.type, enabled=False):
             return TensorwiseLinearFunction.apply(x2d, self.weight, dt, self, recording)
 
+    def prepare_plans(self, device: torch.device) -> None:
+        """Make the plans of every compute dtype on ``device`` now: a compiled block then
+        traces with its plans present, and its guards do not change after the first call."""
+        if self.recipe.scaling is ScalingKind.MX:
+            for dt in (torch.bfloat16, torch.float16, torch.float32):
+                self._plan(torch.device(device), dt)
+
     def _plan(self, device: torch.device, dt: torch.dtype) -> MXPlan:
         key = (device, dt, self.compile_quantize, self.quantize_kernel)
         plan = self._plans.get(key)

@@ -28,9 +28,12 @@ with grad enabled are checkpointed; evaluation and ``no_grad`` forwards run plai
 One condition for delayed scaling: the replay quantizes with the layer's current history, so
 that history must not advance between a forward and its backward. Inside a step window it
 cannot (the training loop); outside windows every recording forward advances it, so run each
-forward's backward before the next training forward. Under ``torch.compile`` the compiler
-does the recomputation inside its own graph, and its numbers are not the plain run's (seen on
-CPU in bf16), so the run config refuses ``run.compile`` together with checkpointing.
+forward's backward before the next training forward. Under ``torch.compile`` of the whole
+model the compiler does the recomputation inside its own graph, and its numbers are not the
+plain run's (seen on CPU in bf16), so the run config refuses ``run.compile = model`` together
+with checkpointing. Compiled blocks (``run.compile = block``,
+:mod:`mxfp8.model.compiled_blocks`) are checkpointed from outside: the replay runs the same
+compiled graph, so checkpointing them changes no number.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from mxfp8.layers.compact_activations import CompactSaved, compact_call
 from mxfp8.layers.recompute import recomputing
 from mxfp8.model.attention import Attention, KVCache, rope_tables
 from mxfp8.model.chunked_loss import chunked_cross_entropy
+from mxfp8.model.compiled_blocks import block_call
 from mxfp8.model.config import ModelConfig
 
 
@@ -268,17 +272,19 @@ class Transformer(nn.Module):
         if cache is not None and ckpt:
             raise ValueError("a KV cache is for inference: call model.eval() or use no_grad")
         for i, block in enumerate(self.layers):
+            # a compiled block (run.compile = block) runs eagerly when observed or with a cache
+            call = block_call(block, force_eager=cache is not None)
             if cache is not None:
-                x = block(x, cos, sin, cache, i)
+                x = call(x, cos, sin, cache, i)
             elif not ckpt:
-                x = block(x, cos, sin)
+                x = call(x, cos, sin)
             elif torch.compiler.is_compiling():
                 # the compiler recomputes inside its own graph and takes no context managers
                 # (not bit-identical: see the module docstring; the run config refuses it)
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
-            else:
+            else:  # a compiled block is checkpointed from outside: the replay runs its graph
                 x = checkpoint(
-                    block, x, cos, sin, use_reentrant=False, context_fn=_recompute_contexts
+                    call, x, cos, sin, use_reentrant=False, context_fn=_recompute_contexts
                 )
         if cache is not None:
             cache.pos = start + T

@@ -34,6 +34,7 @@ from mxfp8.fileio import write_text_atomically
 from mxfp8.layers.convert import layer_recipes
 from mxfp8.layers.recipe import Recipe
 from mxfp8.layers.scratch import pool_nbytes
+from mxfp8.model.compiled_blocks import GRAPHS, CompileMode
 from mxfp8.model.transformer import inference_forward
 from mxfp8.parallel import LOCAL, Comm, DistEnv
 from mxfp8.stats import adaptive, divergence, telemetry
@@ -217,7 +218,7 @@ def train(cfg: TrainConfig, *, hooks: list[TrainHook] | tuple = ()) -> RunResult
         write_text_atomically(run_dir / "config.toml", cfg.to_toml())
 
     forward = s.forward_model or s.model
-    forward = torch.compile(forward) if run.compile else forward
+    forward = torch.compile(forward) if run.compile is CompileMode.MODEL else forward
     end = min(run.steps, s.step + run.stop_after) if run.stop_after else run.steps
     # the stats hooks (telemetry, divergence events) write files: rank 0's operands only
     hooks = [*hooks, *(_auto_hooks(cfg, run_dir) if comm.is_main else ())]
@@ -231,6 +232,8 @@ def train(cfg: TrainConfig, *, hooks: list[TrainHook] | tuple = ()) -> RunResult
     val_loss, summary = None, None
     window_tokens, window_time = 0, 0.0
     s.model.train()
+    graphs = GRAPHS["block"]  # run.compile = block: graphs compiled so far in this process
+    start_step = s.step
     with stop_on_signals() as stop:
         try:
             for step in range(s.step + 1, end + 1):
@@ -246,12 +249,18 @@ def train(cfg: TrainConfig, *, hooks: list[TrainHook] | tuple = ()) -> RunResult
                     metrics.update(val_loss=val_loss, val_ppl=perplexity(val_loss))
                     log.message(f"step {step}: val_loss {val_loss:.4f}, "
                                 f"val_ppl {perplexity(val_loss):.2f}")  # fmt: skip
+                if GRAPHS["block"] != graphs:  # the first step's, the first evaluation's
+                    new, graphs = GRAPHS["block"] - graphs, GRAPHS["block"]
+                    metrics["compiled_graphs"] = new
+                    if step > start_step + 1:
+                        log.message(f"step {step}: torch.compile compiled {new} more block "
+                                    "graph(s)")  # fmt: skip
                 for h in hooks:
                     h.on_step_end(step, metrics)
                 log.step_done()
                 # stop together: a signal or a hook's verdict on one rank stops every rank
                 last = step == end or comm.any(ctx.stop or bool(stop))
-                keys = ("val_loss", "nonfinite")
+                keys = ("val_loss", "nonfinite", "compiled_graphs")
                 if step % run.log_every == 0 or last or any(k in metrics for k in keys):
                     log.log(metrics)
                     window_tokens, window_time = 0, 0.0

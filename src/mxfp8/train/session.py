@@ -29,6 +29,7 @@ from mxfp8.data.batches import eval_batches, require_tokens
 from mxfp8.data.prepare import PreparedData, prepare_data
 from mxfp8.layers.convert import convert_model, scaling_state_dict
 from mxfp8.layers.precision import load_layer_state, precision_state_dict
+from mxfp8.model.compiled_blocks import CompileMode, compile_blocks
 from mxfp8.model.transformer import Transformer
 from mxfp8.numerics import backends
 from mxfp8.optim.bf16_grads import BF16Grads
@@ -272,10 +273,10 @@ def build(cfg: TrainConfig, run_dir: Path, say, *, fresh: bool = True) -> Sessio
     if mode is not ParallelMode.NONE and not env.distributed:  # not started by torchrun
         say(f"parallel.mode = {mode.value} without torchrun: training in this one process")
         mode = ParallelMode.NONE
-    if mode is not ParallelMode.NONE and run.compile:
-        raise ConfigError(f"run.compile = true with parallel.mode = {mode.value}: whole-model "
-                          "compilation is not supported in distributed runs yet (the MX "
-                          "quantizers are still compiled: run.compile_quantize)")  # fmt: skip
+    if mode is not ParallelMode.NONE and run.compile is CompileMode.MODEL:
+        raise ConfigError(f"run.compile = model with parallel.mode = {mode.value}: whole-model "
+                          "compilation is not supported in distributed runs (compile each "
+                          "block: run.compile = block)")  # fmt: skip
     if run.batch_size % env.world_size:
         raise ConfigError(
             f"run.batch_size = {run.batch_size} sequences cannot be split evenly over "
@@ -329,9 +330,15 @@ def build(cfg: TrainConfig, run_dir: Path, say, *, fresh: bool = True) -> Sessio
     model.set_activation_checkpointing(run.activation_checkpointing)
     model.set_loss_chunk(run.loss_chunk)
     model.set_compact_activations(run.compact_activations, compiled=run.compile_quantize)
+    if run.compile is CompileMode.BLOCK:  # before any sharding (fully_shard after compile)
+        try:
+            compile_blocks(model, device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     report = getattr(model, "mxfp8_report", None)
     n_mx = len(report.converted) if report is not None else 0
     ac = "" if run.activation_checkpointing == "none" else "; activation checkpointing: block"
+    ac += "" if run.compile is CompileMode.NONE else f"; torch.compile: {run.compile.value}"
     say(f"model: {cfg.model.preset}, {model.num_params():,} parameters; recipe "
         f"{recipe.name}: {n_mx} linear layers quantized{ac}")  # fmt: skip
     savers = (
