@@ -21,6 +21,7 @@ from mxfp8.model.config import model_config
 from mxfp8.model.transformer import Transformer
 from mxfp8.stats.jsonl import read_rows
 from mxfp8.train import golden
+from mxfp8.train.hooks import TrainHook
 from mxfp8.train.loop import train
 from mxfp8.train.runlog import read_metrics
 from run_helpers import exact
@@ -184,3 +185,21 @@ def test_telemetry_on_compiled_blocks_sees_every_operand(tmp_path, data_cache):
     key = [(r.get("layer"), r.get("gemm"), r.get("operand")) for r in a]
     assert len(a) >= 8 * 6 and key == [(r.get("layer"), r.get("gemm"), r.get("operand"))
                                        for r in b]  # fmt: skip
+
+
+def test_whole_model_compile_does_not_recompile_after_the_first_step(tmp_path, data_cache):
+    """run.compile = model: the layers' plans are made before tracing, so the second step
+    runs the first step's graph (it recompiled the whole model before: the 26x of
+    docs/performance.md)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    compiled = []
+
+    class Count(TrainHook):
+        def on_step_end(self, step, metrics):
+            compiled.append(counters["stats"]["unique_graphs"])
+
+    over = {"run.compile": "model", "run.steps": 3, "run.eval_every": 0}
+    train(cfg(tmp_path / "model", data_cache, **over), hooks=[Count()])
+    assert compiled[0] >= 1 and compiled[1] == compiled[0], compiled

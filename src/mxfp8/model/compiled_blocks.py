@@ -110,12 +110,18 @@ def compile_blocks(model: nn.Module, device: torch.device) -> None:
     if why:
         raise ValueError("run.compile = block is not available for this recipe: "
                          + "; ".join(why))  # fmt: skip
-    for m in model.layers.modules():
+    prepare_plans(model.layers, device)
+    for block in model.layers:
+        block.compile(backend=_counting_backend)
+
+
+def prepare_plans(module: nn.Module, device: torch.device) -> None:
+    """Make the plans of the MX layers in ``module`` before it is traced (whole-model
+    compilation needs this too: without it the second step recompiled the model)."""
+    for m in module.modules():
         prepare = getattr(m, "prepare_plans", None)
         if prepare is not None:
             prepare(device)
-    for block in model.layers:
-        block.compile(backend=_counting_backend)
 
 
 def is_compiled(block: nn.Module) -> bool:

@@ -34,7 +34,7 @@ from mxfp8.fileio import write_text_atomically
 from mxfp8.layers.convert import layer_recipes
 from mxfp8.layers.recipe import Recipe
 from mxfp8.layers.scratch import pool_nbytes
-from mxfp8.model.compiled_blocks import GRAPHS, CompileMode
+from mxfp8.model.compiled_blocks import GRAPHS, CompileMode, prepare_plans
 from mxfp8.model.transformer import inference_forward
 from mxfp8.parallel import LOCAL, Comm, DistEnv
 from mxfp8.stats import adaptive, divergence, telemetry
@@ -218,7 +218,9 @@ def train(cfg: TrainConfig, *, hooks: list[TrainHook] | tuple = ()) -> RunResult
         write_text_atomically(run_dir / "config.toml", cfg.to_toml())
 
     forward = s.forward_model or s.model
-    forward = torch.compile(forward) if run.compile is CompileMode.MODEL else forward
+    if run.compile is CompileMode.MODEL:
+        prepare_plans(s.model, s.device)  # else every MX layer's guard fails at step 2
+        forward = torch.compile(forward)
     end = min(run.steps, s.step + run.stop_after) if run.stop_after else run.steps
     # the stats hooks (telemetry, divergence events) write files: rank 0's operands only
     hooks = [*hooks, *(_auto_hooks(cfg, run_dir) if comm.is_main else ())]
