@@ -40,7 +40,8 @@ A configuration is a recipe name with suffixes: ``+ac`` (block activation checkp
 ``+compact`` (the RMSNorm inputs, SDPA's q/k/v and the SwiGLU inputs saved as MX:
 ``run.compact_activations``), ``+lean`` (every field ``run.memory = lean`` sets: its compact
 activations, loss chunk, optimizer states and gradient dtype), ``+mxgrads`` (gradients held
-as MX: ``optim.grad_dtype = mx``, applied after ``+lean``).
+as MX: ``optim.grad_dtype = mx``, applied after ``+lean``), ``+mmap`` (glibc's mmap threshold
+fixed at 256 KiB in that child: ``run.mmap_threshold_kib = 256``).
 """
 
 from __future__ import annotations
@@ -76,13 +77,14 @@ from mxfp8.model.config import model_config
 from mxfp8.model.transformer import Transformer
 from mxfp8.optim.bf16_grads import gradient_holders, step_optimizer
 from mxfp8.optim.mx_grads import MXHeldGrad, gradient_store
+from mxfp8.train.heap import set_mmap_threshold
 from mxfp8.train.optim import build_optimizer, clip_gradients
 
 RESULT_TAG = "MEMORY-RESULT "  # the child's JSON line; anything else it prints is ignored
 # shape of the d_model-1024 model of benchmarks/train_step.py ("wide"), 4 layers: ~49 M params
 SUFFIXES = {"ac": "block activation checkpointing", "chunk": "run.loss_chunk",
             "compact": "run.compact_activations = all", "lean": "run.memory = lean",
-            "mxgrads": "optim.grad_dtype = mx"}  # fmt: skip
+            "mxgrads": "optim.grad_dtype = mx", "mmap": "run.mmap_threshold_kib = 256"}  # fmt: skip
 DEFAULTS = {"d_model": 1024, "layers": 4, "ffn": 2816, "heads": 8, "kv_heads": 2}
 
 
@@ -103,6 +105,10 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Build the configuration, run a warm-up step, then measure one step."""
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
+    if spec.get("mmap_kib"):  # run.mmap_threshold_kib, as the trainer sets it at start-up
+        why_not = set_mmap_threshold(spec["mmap_kib"])
+        if why_not:
+            print(why_not, file=sys.stderr)
     probe = MemoryProbe(device)
     torch.zeros(1, device=device).add_(1)  # the runtime is up: the baseline includes it
     baseline = probe.current()
@@ -327,6 +333,8 @@ def main() -> None:
                         loss_chunk=args.loss_chunk or lean.run.loss_chunk)  # fmt: skip
         if "mxgrads" in flags:
             spec["grad_dtype"] = "mx"
+        if "mmap" in flags:
+            spec["mmap_kib"] = 256
         t0 = time.perf_counter()
         out = run_child(spec)
         took = time.perf_counter() - t0

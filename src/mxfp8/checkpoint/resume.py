@@ -58,6 +58,7 @@ RESUMABLE_FIELDS = frozenset(
         "run.compile",  # compiled numbers follow eager ones within a measured tolerance
         "run.compile_quantize",  # the compiled quantizers are bit-exact with the eager ones
         "run.quantize_kernel",  # every kernel gives the same bits (tested)
+        "run.mmap_threshold_kib",  # where freed memory goes, not what is computed
         "run.init_from",  # read at step 0 only; a resume continues from the checkpoint
         "run.activation_checkpointing",  # recomputes bit-identical values: memory, time only
         "data.cache_dir",  # where the prepared data lives, not what it is

@@ -278,6 +278,14 @@ class RunConfig:
         "mxfp8: docs/results.md), applied unless the config sets that field itself: "
         + ", ".join(f"{k} = {v!r}" for k, v in LEAN_PROFILE.items()),
     )
+    mmap_threshold_kib: int = opt(
+        0,
+        "CPU runs on Linux: fix glibc's mmap threshold at this many KiB, so that freed large "
+        "tensors go back to the system instead of staying in the heap (peak RSS follows the "
+        "live tensors, at the cost of page faults: measured 1.7x lean's step time); 0 = "
+        "glibc's dynamic default; 256 is what docs/performance.md measured. Changes no number "
+        "(mxfp8.train.heap)",
+    )
     init_from: str = opt(
         "",
         "start from the weights of a Llama directory (an `mxfp8 export`, or transformers' "
@@ -341,7 +349,8 @@ class RunConfig:
                 "of them off"
             )
         for name in ("tokens_per_step", "stop_after", "eval_every", "ckpt_every",
-                     "telemetry_every", "max_nonfinite_steps", "loss_chunk"):  # fmt: skip
+                     "telemetry_every", "max_nonfinite_steps", "loss_chunk",
+                     "mmap_threshold_kib"):  # fmt: skip
             _check(getattr(self, name) >= 0, f"run.{name} must be >= 0", getattr(self, name))
         if self.tokens_per_step:
             per_micro = self.batch_size * self.seq_len

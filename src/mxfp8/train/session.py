@@ -46,6 +46,7 @@ from mxfp8.parallel import (
 from mxfp8.parallel import dcp as dcp_state
 from mxfp8.parallel.wrap import replicate_model, shard_model
 from mxfp8.train import init_from
+from mxfp8.train.heap import set_mmap_threshold
 from mxfp8.train.optim import LossScaler, Schedule, build_optimizer
 
 # steps of each process left out of the steady-state throughput: the first compiles the
@@ -347,6 +348,11 @@ def build(cfg: TrainConfig, run_dir: Path, say, *, fresh: bool = True) -> Sessio
     savers += [f"loss in chunks of {run.loss_chunk} tokens"] if run.loss_chunk else []
     savers += [f"AdamW states {cfg.optim.states}"] if cfg.optim.states != "fp32" else []
     savers += [f"gradients {cfg.optim.grad_dtype}"] if cfg.optim.grad_dtype != "fp32" else []
+    why_not = set_mmap_threshold(run.mmap_threshold_kib)
+    if why_not:
+        say(why_not)
+    elif run.mmap_threshold_kib:
+        savers += [f"glibc mmap threshold {run.mmap_threshold_kib} KiB"]
     if savers:
         say(f"memory ({run.memory.value}): " + "; ".join(savers))
     odd = {n: r for n, r in (report.kept.items() if report else ()) if "multiple of" in r}
