@@ -295,6 +295,22 @@ def test_resume_at_another_world_size(tmp_path, data_cache, first, then):
         assert all(torch.equal(rebuilt[k], gathered[k]) for k in gathered)
 
 
+def _two_processes_match_one(tmp_path, data_cache, mode: str, same: dict):
+    """Train config ``same`` on 2 processes under ``mode`` and in this one process: the ranks
+    agree, and the job matches the one process within the distributed bounds (losses, norms,
+    trained weights). Returns the job's saved config."""
+    over = {"parallel.mode": mode, **same}
+    res, _ = launch(2, "train", tmp_path / "two", str(data_cache), *_pairs(**over))
+    assert res.returncode == 0, res.stderr[-4000:]
+    r0, r1 = per_rank(tmp_path / "two", 2)
+    assert r0["losses"] == r1["losses"] and r0["digest"] == r1["digest"]
+    one = _single(tmp_path, data_cache, **same)
+    _assert_matches_one_process(r0["losses"], r0["grad_norms"], one["losses"], one["grad_norms"])
+    two_w, one_w = (torch.load(d / "rank0.pt") for d in (tmp_path / "two", tmp_path / "single"))
+    assert _weights_gap(two_w["end"], one_w["end"], one_w["start"]) <= REL_WEIGHTS
+    return load_config(tmp_path / "two" / "run" / "config.toml")
+
+
 @pytest.mark.parametrize(
     ("mode", "dtype"),
     [pytest.param("ddp", "bf16", marks=pytest.mark.slow),
@@ -307,15 +323,7 @@ def test_compact_grads_on_two_processes_match_one_process(tmp_path, data_cache, 
     summed over the ranks), after the last of two micro-batches (DDP's no_sync before it);
     the run matches one process holding its gradients the same way."""
     same = {"recipe.name": "bf16", "optim.grad_dtype": dtype, "run.grad_accum": 2}
-    over = {"parallel.mode": mode, **same}
-    res, _ = launch(2, "train", tmp_path / "two", str(data_cache), *_pairs(**over))
-    assert res.returncode == 0, res.stderr[-4000:]
-    r0, r1 = per_rank(tmp_path / "two", 2)
-    assert r0["losses"] == r1["losses"] and r0["digest"] == r1["digest"]
-    one = _single(tmp_path, data_cache, **same)
-    _assert_matches_one_process(r0["losses"], r0["grad_norms"], one["losses"], one["grad_norms"])
-    two_w, one_w = (torch.load(d / "rank0.pt") for d in (tmp_path / "two", tmp_path / "single"))
-    assert _weights_gap(two_w["end"], one_w["end"], one_w["start"]) <= REL_WEIGHTS
+    _two_processes_match_one(tmp_path, data_cache, mode, same)
 
 
 @pytest.mark.parametrize("mode", ["fsdp", pytest.param("ddp", marks=pytest.mark.slow)])
@@ -324,18 +332,10 @@ def test_memory_lean_on_two_processes_matches_one_process(tmp_path, data_cache, 
     compacted, norm, SwiGLU and attention: the compacted ops recompute from their MX inputs
     in backward while FSDP2 gathers the norm weights again (or DDP all-reduces); the run
     matches one process of the same config within the distributed bounds."""
-    over = {"parallel.mode": mode, "recipe.name": "mxfp8", "run.memory": "lean",
+    same = {"recipe.name": "mxfp8", "run.memory": "lean",
             "run.compact_activations": "norm,swiglu,attention"}  # fmt: skip
-    res, _ = launch(2, "train", tmp_path / "two", str(data_cache), *_pairs(**over))
-    assert res.returncode == 0, res.stderr[-4000:]
-    r0, r1 = per_rank(tmp_path / "two", 2)
-    assert r0["losses"] == r1["losses"] and r0["digest"] == r1["digest"]
-    one = _single(tmp_path, data_cache, **{k: v for k, v in over.items() if k != "parallel.mode"})
-    _assert_matches_one_process(r0["losses"], r0["grad_norms"], one["losses"], one["grad_norms"])
-    two_w, one_w = (torch.load(d / "rank0.pt") for d in (tmp_path / "two", tmp_path / "single"))
-    assert _weights_gap(two_w["end"], one_w["end"], one_w["start"]) <= REL_WEIGHTS
+    ran = _two_processes_match_one(tmp_path, data_cache, mode, same)
     # the profile was on in the job: its saved config names every field lean set
-    ran = load_config(tmp_path / "two" / "run" / "config.toml")
     assert (ran.optim.states, ran.optim.grad_dtype, ran.run.loss_chunk) == ("fp8", "bf16", 1024)
     assert ran.run.compact_activations == ("norm", "swiglu", "attention")
 
@@ -350,16 +350,7 @@ def test_compiled_checkpointed_blocks_on_two_processes_match_one_process(
     of the same config within the distributed bounds."""
     same = {"recipe.name": "mxfp8", "run.compile": "block",
             "run.activation_checkpointing": "block"}  # fmt: skip
-    res, _ = launch(2, "train", tmp_path / "two", str(data_cache),
-                    *_pairs(**{"parallel.mode": mode, **same}))  # fmt: skip
-    assert res.returncode == 0, res.stderr[-4000:]
-    r0, r1 = per_rank(tmp_path / "two", 2)
-    assert r0["losses"] == r1["losses"] and r0["digest"] == r1["digest"]
-    one = _single(tmp_path, data_cache, **same)
-    _assert_matches_one_process(r0["losses"], r0["grad_norms"], one["losses"], one["grad_norms"])
-    two_w, one_w = (torch.load(d / "rank0.pt") for d in (tmp_path / "two", tmp_path / "single"))
-    assert _weights_gap(two_w["end"], one_w["end"], one_w["start"]) <= REL_WEIGHTS
-    ran = load_config(tmp_path / "two" / "run" / "config.toml")
+    ran = _two_processes_match_one(tmp_path, data_cache, mode, same)
     assert ran.run.compile == "block"
 
 

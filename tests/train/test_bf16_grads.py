@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from adamw_reference import check_two_adamw_steps
 from torch import nn
 from train_faults import InjectNaN
 
@@ -17,8 +18,6 @@ from mxfp8.train import golden
 from mxfp8.train.loop import train
 from mxfp8.train.optim import clip_gradients
 from mxfp8.train.runlog import read_metrics
-
-LR, BETAS, EPS, WD = 1e-2, (0.9, 0.95), 1e-8, 0.1
 
 
 @pytest.fixture(autouse=True)
@@ -48,46 +47,18 @@ def fp32_grads(model: nn.Module, k: int) -> list[torch.Tensor]:
     return [p.grad.clone() for p in model.parameters()]
 
 
-def adamw(w: torch.Tensor, g: torch.Tensor, m, v, t: int):
-    """One AdamW step in float64 (the textbook formula): new (w, m, v)."""
-    b1, b2 = BETAS
-    m = b1 * m + (1 - b1) * g.double()
-    v = b2 * v + (1 - b2) * g.double() ** 2
-    w = w * (1 - LR * WD) - LR / (1 - b1**t) * m / ((v / (1 - b2**t)).sqrt() + EPS)
-    return w, m, v
-
-
 def test_two_steps_are_adamw_on_the_bf16_rounded_gradients():
     model, ref = mlp(), mlp()
     store = BF16Grads(model.named_parameters(), hooks=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
-    ws = [p.detach().double() for p in ref.parameters()]
-    ms = [torch.zeros_like(w) for w in ws]
-    vs = [torch.zeros_like(w) for w in ws]
-    fp32 = [list(ws), list(ms), list(vs)]  # the same formula on the unrounded gradients
-    for t in (1, 2):
-        g = fp32_grads(ref, t)  # the same weights as `model` (ref follows the formula)
-        loss_of(model, t).backward()
-        assert all(p.grad is None for p in model.parameters()), "no fp32 gradient is left"
+
+    def held_is_bf16(g):
         held = [store.held[id(p)] for p in model.parameters()]
         assert all(h.dtype == torch.bfloat16 for h in held)
         assert all(torch.equal(h, gi.bfloat16()) for h, gi in zip(held, g, strict=True))
-        store.step(opt)
-        store.clear()
-        rounded = [gi.bfloat16().float() for gi in g]
-        new = [adamw(w, gi, m, v, t) for w, gi, m, v in zip(ws, rounded, ms, vs, strict=True)]
-        ws, ms, vs = (list(x) for x in zip(*new, strict=True))
-        new = [adamw(w, gi, m, v, t) for w, m, v, gi in zip(*fp32, g, strict=True)]
-        fp32 = [list(x) for x in zip(*new, strict=True)]
-        with torch.no_grad():  # the next gradient is taken at the weights the model has
-            for p, q in zip(ref.parameters(), model.parameters(), strict=True):
-                p.copy_(q)
-    for p, w in zip(model.parameters(), ws, strict=True):
-        torch.testing.assert_close(p.detach().double(), w, rtol=1e-6, atol=1e-7)
-    # the check can tell: AdamW on the fp32 gradients lands elsewhere (beyond the tolerance)
-    gap = max(float((p.detach().double() - w).abs().max()) for p, w in
-              zip(model.parameters(), fp32[0], strict=True))  # fmt: skip
-    assert gap > 1e-5
+
+    check_two_adamw_steps(model, ref, store, loss_of, fp32_grads,
+                          held=lambda g: g.bfloat16().float(),
+                          after_backward=held_is_bf16)  # fmt: skip
 
 
 def test_at_most_one_fp32_gradient_exists_during_backward():

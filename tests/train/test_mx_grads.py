@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from adamw_reference import check_two_adamw_steps
 from torch import nn
 from train_faults import InjectNaN
 
@@ -20,8 +21,6 @@ from mxfp8.train import golden
 from mxfp8.train.loop import train
 from mxfp8.train.optim import LossScaler, clip_gradients
 from mxfp8.train.runlog import read_metrics
-
-LR, BETAS, EPS, WD = 1e-2, (0.9, 0.95), 1e-8, 0.1
 
 
 @pytest.fixture(autouse=True)
@@ -82,41 +81,10 @@ def test_held_codes_are_the_reference_mx_of_the_fp32_gradient():
     assert n_mx == 3
 
 
-def adamw(w, g, m, v, t: int):
-    """One AdamW step in float64 (the textbook formula): new (w, m, v)."""
-    b1, b2 = BETAS
-    m = b1 * m + (1 - b1) * g
-    v = b2 * v + (1 - b2) * g**2
-    w = w * (1 - LR * WD) - LR / (1 - b1**t) * m / ((v / (1 - b2**t)).sqrt() + EPS)
-    return w, m, v
-
-
 def test_two_steps_are_adamw_on_the_decoded_mx_gradients():
     model, ref = mlp(), mlp()
     store = MXGrads(model.named_parameters(), hooks=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
-    ws = [p.detach().double() for p in ref.parameters()]
-    ms, vs = [torch.zeros_like(w) for w in ws], [torch.zeros_like(w) for w in ws]
-    fp32 = [list(ws), list(ms), list(vs)]  # the same formula on the unrounded gradients
-    for t in (1, 2):
-        g = fp32_grads(ref, t)
-        loss_of(model, t).backward()
-        store.step(opt)
-        store.clear()
-        assert all(p.grad is None for p in model.parameters())
-        held = [reference_held(gi) for gi in g]
-        new = [adamw(*args, t) for args in zip(ws, held, ms, vs, strict=True)]
-        ws, ms, vs = (list(x) for x in zip(*new, strict=True))
-        new = [adamw(w, gi.double(), m, v, t) for w, m, v, gi in zip(*fp32, g, strict=True)]
-        fp32 = [list(x) for x in zip(*new, strict=True)]
-        with torch.no_grad():
-            for p, q in zip(ref.parameters(), model.parameters(), strict=True):
-                p.copy_(q)
-    for p, w in zip(model.parameters(), ws, strict=True):
-        torch.testing.assert_close(p.detach().double(), w, rtol=1e-6, atol=1e-7)
-    gap = max(float((p.detach().double() - w).abs().max()) for p, w in
-              zip(model.parameters(), fp32[0], strict=True))  # fmt: skip
-    assert gap > 1e-5, "AdamW on the fp32 gradients must land elsewhere (the check can tell)"
+    check_two_adamw_steps(model, ref, store, loss_of, fp32_grads, held=reference_held)
 
 
 def test_unscaling_and_clipping_multiply_a_scalar_and_see_the_fp32_norm():

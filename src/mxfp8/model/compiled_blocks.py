@@ -28,7 +28,6 @@ What sits outside the compiled region, by design:
 
 from __future__ import annotations
 
-import contextlib
 import enum
 from typing import Any
 
@@ -133,26 +132,21 @@ def observed(block: nn.Module) -> bool:
     return any(getattr(m, "observer", None) is not None for m in block.modules())
 
 
-def eager_if(flag: bool):
-    """A context in which compiled modules run eagerly when ``flag`` (else a no-op)."""
-    return torch.compiler.set_stance("force_eager") if flag else contextlib.nullcontext()
+class EagerCall:
+    """``block(*args)`` with the compiler set aside (``set_stance("force_eager")``). Chosen
+    once per forward, so that a checkpoint's replay runs the way its forward ran."""
 
-
-class BlockCall:
-    """``block(*args)``, eagerly when ``eager`` (fixed when made, so that a checkpoint's
-    replay runs the way its forward ran)."""
-
-    def __init__(self, block: nn.Module, eager: bool) -> None:
-        self.block, self.eager = block, eager
+    def __init__(self, block: nn.Module) -> None:
+        self.block = block
 
     def __call__(self, *args: Any) -> torch.Tensor:
-        with eager_if(self.eager):
+        with torch.compiler.set_stance("force_eager"):
             return self.block(*args)
 
 
 def block_call(block: nn.Module, *, force_eager: bool = False) -> Any:
-    """What the model calls for ``block``: the block itself, or a :class:`BlockCall` that
-    runs it eagerly when it is compiled and observed (or ``force_eager``)."""
+    """What the model calls for ``block``: the block itself, or an :class:`EagerCall` of it
+    when it is compiled and observed (or ``force_eager``)."""
     if is_compiled(block) and (force_eager or observed(block)):
-        return BlockCall(block, eager=True)
+        return EagerCall(block)
     return block

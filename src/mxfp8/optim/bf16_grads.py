@@ -73,17 +73,28 @@ class BF16Grads:
         for _, p in self.named:
             self._take(p)
 
+    def _ready(self) -> dict:
+        """The gradients the step will use, by id of the parameter (a subclass may hold them
+        elsewhere than the bf16 store)."""
+        return self.held
+
+    def _for_step(self, p: torch.nn.Parameter, held) -> torch.Tensor:
+        """``held`` as the gradient the optimizer reads: widened to the parameter's dtype."""
+        return held.to(p.dtype)
+
     def holders(self) -> list[tuple[str, Held]]:
         """(name, :class:`Held`) of every held gradient, in parameter order."""
-        return [(n, Held(self.held[id(p)])) for n, p in self.named if id(p) in self.held]
+        ready = self._ready()
+        return [(n, Held(ready[id(p)])) for n, p in self.named if id(p) in ready]
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         """Step ``optimizer`` one parameter at a time on its held gradient, widened to fp32."""
+        ready = self._ready()
         for _, p in self.named:
-            held = self.held.get(id(p))
+            held = ready.get(id(p))
             if held is None:
                 continue
-            p.grad = held.to(p.dtype)
+            p.grad = self._for_step(p, held)
             optimizer.step()
             p.grad = None
 

@@ -37,7 +37,7 @@ from collections.abc import Iterable
 import torch
 
 from mxfp8.optim.adamw import local_shard
-from mxfp8.optim.bf16_grads import BF16Grads, Held
+from mxfp8.optim.bf16_grads import BF16Grads
 from mxfp8.optim.fp8_states import BLOCK, _like, blockable, decode, encode_
 
 
@@ -116,29 +116,18 @@ class MXGrads(BF16Grads):
         self.mx[id(p)] = MXHeldGrad(full, p, self.kernel)
         p.grad = None
 
-    def holders(self) -> list[tuple[str, Held]]:
-        """(name, :class:`Held`) of every held gradient: its ``grad`` is the
-        :class:`MXHeldGrad`, which the unscaler and the clipping multiply."""
-        return [(n, Held(self.mx[id(p)])) for n, p in self.named if id(p) in self.mx]
+    def _ready(self) -> dict[int, MXHeldGrad]:
+        """The MX store: what holders() hand to unscaling and clipping (which multiply each
+        :class:`MXHeldGrad`'s scalar) and what the step decodes."""
+        return self.mx
 
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        for _, p in self.named:
-            held = self.mx.get(id(p))
-            if held is None:
-                continue
-            p.grad = held.value()
-            optimizer.step()
-            p.grad = None
+    def _for_step(self, p: torch.nn.Parameter, held: MXHeldGrad) -> torch.Tensor:
+        return held.value()
 
     def clear(self) -> None:
         super().clear()
         self.mx.clear()
         self.last = True
-
-    def nbytes(self) -> int:
-        """Bytes held now: the MX store and the bf16 accumulation store."""
-        bf16 = sum(local_shard(t).numel() * 2 for t in self.held.values())
-        return bf16 + sum(h.nbytes() for h in self.mx.values())
 
 
 def gradient_store(named_params, grad_dtype: str, *, hooks: bool) -> BF16Grads | None:
